@@ -1,0 +1,269 @@
+"""The stages of the daily loop, one function per DAG task.
+
+Each function takes the logical date and references produced by earlier stages
+(paths, version numbers), does its stage, and returns a small JSON-friendly dict
+that Airflow passes on through XCom. All are safe to re-run for the same date:
+outputs are keyed on the date and written atomically, and the registry holds at
+most one version per date. None of them imports Airflow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dayloop.config import Settings
+from dayloop.errors import DayloopError, IndexGateFailed, OfflineGateFailed
+from dayloop.planted import INDEX_FAULTS, MODEL_FAULTS, faults_for
+
+log = logging.getLogger("dayloop.pipeline")
+
+RANK_KS = (10, 50, 100)
+INDEX_K = 100
+
+
+def _override(obj, overrides: dict[str, Any] | None):
+    """A copy of a frozen dataclass with the known, non-None overrides applied."""
+    if not overrides:
+        return obj
+    names = {f.name for f in fields(obj)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise DayloopError(f"unknown setting(s) {unknown} for {type(obj).__name__}; known: {sorted(names)}")
+    return replace(obj, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- data
+def land(ds: dt.date, settings: Settings) -> dict[str, Any]:
+    """Land the day's partition; on the first run also seed the history before replay day 0."""
+    from dayloop.data.landing import land_partition, seed_history
+    from dayloop.data.world import open_world
+    from dayloop.planted import PlantedWorld
+
+    world = PlantedWorld(open_world(settings))
+    seeded = seed_history(settings, world=world)
+    path = land_partition(ds, settings, world=world)
+    log.info("landed %s at %s (%d history days seeded)", ds, path, len(seeded))
+    return {"ds": ds.isoformat(), "partition": str(path), "history_days_seeded": len(seeded)}
+
+
+def validate(ds: dt.date, settings: Settings) -> dict[str, Any]:
+    """Run the data gate; a failing partition is quarantined and DataGateFailed raised."""
+    from dayloop.quality.data_gate import run_data_gate
+
+    result = run_data_gate(ds, settings)
+    log.info("data gate passed for %s", ds)
+    return {"ds": ds.isoformat(), "passed": True, "checks": len(result.checks)}
+
+
+def features(ds: dt.date, settings: Settings, master: str) -> dict[str, Any]:
+    """Build the point-in-time feature set with Spark."""
+    from dayloop.features.build import build_features
+
+    info = build_features(ds, settings, master=master)
+    return {
+        "features": str(info.path),
+        "n_train": int(info.n_train),
+        "n_eval_users": int(info.n_eval_users),
+        "window": f"{info.window_start}..{info.window_end}",
+        "missing_days": [str(d) for d in info.missing_days],
+        "feature_schema_hash": info.feature_schema_hash,
+    }
+
+
+# ----------------------------------------------------------------------------- model
+def train(ds: dt.date, settings: Settings, features_path: str, overrides: dict | None = None) -> dict[str, Any]:
+    """Train the two-tower model on the feature set; writes the bundle under models_dir."""
+    from dayloop.training.train import TrainParams, train_two_tower
+
+    params = _override(TrainParams(), overrides)
+    if "shuffle_item_ids" in faults_for(ds, MODEL_FAULTS):
+        log.warning("planted fault for %s: training on shuffled item ids", ds)
+        params = replace(params, shuffle_item_ids=True)
+    out = settings.models_dir / f"ds={ds.isoformat()}" / "bundle"
+    result = train_two_tower(Path(features_path), out, params)
+    summary = {
+        "bundle": str(out),
+        "params": asdict(params),
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "step_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, list)},
+    }
+    (out.parent / "train_result.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info("trained %s: %s", ds, summary["metrics"])
+    return {"bundle": str(out), "train_result": str(out.parent / "train_result.json")}
+
+
+def register(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
+             airflow_run_id: str | None = None) -> dict[str, Any]:
+    """Register the bundle as a model version with lineage tags (once per date)."""
+    from dayloop.registry import (TAG_AIRFLOW_RUN, TAG_CODE_VERSION, TAG_DATA_WINDOW,
+                                  TAG_SCHEMA_HASH, Registry, code_version)
+
+    summary = json.loads(Path(train_out["train_result"]).read_text())
+    lineage = {
+        TAG_DATA_WINDOW: features_out["window"],
+        TAG_SCHEMA_HASH: features_out["feature_schema_hash"],
+        TAG_CODE_VERSION: code_version(),
+    }
+    if airflow_run_id:
+        lineage[TAG_AIRFLOW_RUN] = airflow_run_id
+    params = {**summary["params"], "n_train": features_out["n_train"],
+              "missing_days": ",".join(features_out["missing_days"]) or "none"}
+    ref = Registry(settings).register_bundle(
+        ds.isoformat(), Path(train_out["bundle"]), params, summary["metrics"], lineage,
+        step_metrics=summary["step_metrics"],
+    )
+    return ref.as_dict()
+
+
+# ----------------------------------------------------------------------------- gates
+def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: str,
+                 overrides: dict | None = None) -> dict[str, Any]:
+    """Challenger vs champion on the held-out day; tags and report on the version.
+
+    Raises OfflineGateFailed (after recording the decision) when the gate says no.
+    """
+    from dayloop.features.build import load_feature_table
+    from dayloop.quality.offline_gate import (GateThresholds, check_exported_model, decide,
+                                              decision_tags)
+    from dayloop.quality.report import write_offline_report
+    from dayloop.quality.stats import psi
+    from dayloop.registry import CHAMPION, Registry
+    from dayloop.training.bundle import ModelBundle
+    from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity
+
+    thresholds = _override(GateThresholds(), overrides)
+    reg = Registry(settings)
+    eval_df = load_feature_table(Path(features_path), "eval")
+    popularity = load_feature_table(Path(features_path), "popularity")
+
+    challenger_dir = reg.download_bundle(version)
+    challenger_users, challenger_scores = evaluate_bundle(ModelBundle.load(challenger_dir), eval_df, RANK_KS)
+    popularity_users = evaluate_popularity(popularity, eval_df, RANK_KS)
+
+    champion = reg.alias_version(CHAMPION)
+    champion_version = None
+    champion_users = champion_scores = None
+    psi_value = None
+    if champion is not None and str(champion.version) != str(version):
+        champion_version = str(champion.version)
+        champion_users, champion_scores = evaluate_bundle(
+            ModelBundle.load(reg.download_bundle(champion_version)), eval_df, RANK_KS
+        )
+        psi_value = float(psi(champion_scores, challenger_scores))
+    elif champion is not None:
+        log.info("version %s is already the champion; re-checking it against the floors only", version)
+
+    infra = check_exported_model(challenger_dir, budget_ms=thresholds.latency_budget_ms)
+    decision = decide(challenger_users, champion_users, popularity_users, thresholds, psi_value, infra)
+
+    report_dir = settings.reports_dir / f"ds={ds.isoformat()}" / "offline_gate"
+    report = write_offline_report(decision, challenger_users, champion_users, popularity_users,
+                                  {"challenger": challenger_scores, "champion": champion_scores}, report_dir)
+    reg.log_artifacts(version, report_dir, "reports/offline_gate")
+    tags = decision_tags(decision)
+    tags["gate.offline.champion_version"] = champion_version or "none"
+    tags["gate.offline.evaluated_on"] = ds.isoformat()
+    reg.set_tags(version, tags)
+    reg.log_metrics(version, {f"offline.{k}": v for k, v in decision.metrics.items()
+                              if isinstance(v, (int, float)) and v == v})
+
+    for reason in decision.reasons:
+        log.info("offline gate: %s", reason)
+    outcome = {
+        "version": str(version),
+        "passed": bool(decision.passed),
+        "bootstrap": bool(decision.bootstrap),
+        "champion_version": champion_version,
+        "metrics": {k: float(v) for k, v in decision.metrics.items() if isinstance(v, (int, float))},
+        "reasons": list(decision.reasons),
+        "report": str(report),
+    }
+    if not decision.passed:
+        raise OfflineGateFailed(decision.reasons)
+    return outcome
+
+
+def build_index(ds: dt.date, settings: Settings, version: str, features_path: str,
+                recall_floor: float = 0.95) -> dict[str, Any]:
+    """FAISS index of the version's item embeddings, checked against exact search,
+    attached to the version so model and index deploy as one unit."""
+    from dayloop.features.build import load_feature_table
+    from dayloop.index.faiss_index import IndexSpec, build_and_check
+    from dayloop.registry import TAG_INDEX_PREFIX, Registry
+    from dayloop.training.bundle import ModelBundle
+
+    reg = Registry(settings)
+    bundle = ModelBundle.load(reg.download_bundle(version))
+    eval_df = load_feature_table(Path(features_path), "eval")
+    # Real queries: the user embeddings of the held-out day's users.
+    queries = bundle.encode_users(eval_df["user_id"].to_numpy(), [list(h) for h in eval_df["hist"]])
+    spec = None
+    if "broken_index" in faults_for(ds, INDEX_FAULTS):
+        n = len(bundle.item_ids)
+        log.warning("planted fault for %s: IVF with one probe over %d lists", ds, max(2, n // 4))
+        spec = IndexSpec(kind="ivf", nlist=max(2, n // 4), nprobe=1)
+    out_dir = settings.models_dir / f"v{version}" / "index_build"
+    try:
+        result = build_and_check(bundle.item_embeddings, bundle.item_ids, out_dir,
+                                 recall_floor=recall_floor, k=INDEX_K, query_vectors=queries, spec=spec)
+    except IndexGateFailed as exc:
+        reg.set_tags(version, {f"{TAG_INDEX_PREFIX}status": "failed",
+                               f"{TAG_INDEX_PREFIX}reason": "; ".join(exc.reasons)})
+        raise
+    uri = reg.log_artifacts(version, out_dir, "index")
+    info = result.as_dict()
+    reg.set_tags(version, {
+        f"{TAG_INDEX_PREFIX}status": "ready",
+        f"{TAG_INDEX_PREFIX}uri": uri,
+        f"{TAG_INDEX_PREFIX}fingerprint": result.fingerprint,
+        f"{TAG_INDEX_PREFIX}kind": result.spec.kind,
+        f"{TAG_INDEX_PREFIX}recall_at_{INDEX_K}": f"{result.recall:.4f}",
+        f"{TAG_INDEX_PREFIX}n_items": str(result.n_items),
+        f"{TAG_INDEX_PREFIX}dim": str(result.dim),
+    })
+    log.info("index for version %s: %s recall@%d=%.4f", version, result.spec.kind, INDEX_K, result.recall)
+    return {"version": str(version), "index_uri": uri, "kind": result.spec.kind,
+            "recall": float(result.recall), "fingerprint": result.fingerprint,
+            "build_seconds": float(info.get("build_seconds", 0.0))}
+
+
+def publish(ds: dt.date, settings: Settings, version: str) -> dict[str, Any]:
+    """Hand the gated, indexed version on.
+
+    Bootstrap: when the model has no champion yet, the first version that passed
+    the offline gate (floors, popularity baseline, infra check) and has its index
+    becomes ``champion`` directly: there is nothing to canary against. Otherwise
+    the version becomes ``challenger``, the candidate for the canary rollout.
+    """
+    from dayloop.registry import CHALLENGER, CHAMPION, TAG_INDEX_PREFIX, Registry
+
+    reg = Registry(settings)
+    mv = reg.get_version(version)
+    tags = dict(mv.tags)
+    missing = []
+    if tags.get("gate.offline.decision") != "pass":
+        missing.append(f"offline gate decision is {tags.get('gate.offline.decision', 'absent')!r}")
+    if tags.get(f"{TAG_INDEX_PREFIX}status") != "ready":
+        missing.append("no ready index is linked to the version")
+    if missing:
+        raise DayloopError(f"version {version} cannot be published: " + "; ".join(missing))
+
+    champion = reg.alias_version(CHAMPION)
+    if champion is None:
+        reg.set_alias(CHAMPION, version)
+        reg.set_tags(version, {"dayloop.promotion": "bootstrap", "dayloop.promoted_for": ds.isoformat()})
+        role = CHAMPION
+    elif str(champion.version) == str(version):
+        role = CHAMPION
+    else:
+        reg.set_alias(CHALLENGER, version)
+        reg.set_tags(version, {"dayloop.promotion": "awaiting_canary"})
+        role = CHALLENGER
+    log.info("version %s is now %s", version, role)
+    return {"version": str(version), "alias": role,
+            "champion": str(reg.alias_version(CHAMPION).version)}

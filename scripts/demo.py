@@ -1,0 +1,112 @@
+"""The demo: drive the daily loop on the running embedded stack the way a person would.
+
+1. pin the replay calendar (first time only): yesterday is replay day 0;
+2. unpause `daily_refresh`: the scheduler starts the run for the last closed day
+   (yesterday), which trains the first model and makes it champion (bootstrap);
+3. trigger a second run for the next logical date (today): a challenger gated
+   against that champion;
+4. print each run, the decisions with their numbers, and where to look.
+
+Run through `make demo` (which sets up and starts the stack first).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+from dayloop.airflow.client import AirflowApi, AirflowApiError, generated_password
+from dayloop.config import load_settings, pin_replay_start
+from dayloop.status import render
+
+DAG_ID = "daily_refresh"
+
+
+def log(msg: str) -> None:
+    print(f"[demo {dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def wait_for_run_of(api: AirflowApi, day: dt.date, timeout_s: float = 90.0) -> dict | None:
+    """The run of `day` once the scheduler has created it (None if it does not)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run in api.runs(DAG_ID):
+            if run.get("logical_date") and run["logical_date"][:10] == day.isoformat():
+                return run
+        time.sleep(2)
+    return None
+
+
+def follow(api: AirflowApi, run: dict) -> dict:
+    def show(states: dict[str, str]) -> None:
+        done = sum(s == "success" for s in states.values())
+        running = [t for t, s in states.items() if s in ("running", "queued", "scheduled", "up_for_retry")]
+        failed = [t for t, s in states.items() if s in ("failed", "upstream_failed")]
+        log(f"  {run['dag_run_id']}: {done}/{len(states)} tasks done"
+            + (f", now {', '.join(running)}" if running else "")
+            + (f", FAILED {', '.join(failed)}" if failed else ""))
+
+    return api.wait_run(DAG_ID, run["dag_run_id"], timeout_s=1800, on_change=show)
+
+
+def main() -> int:
+    settings = load_settings()
+    airflow_home = Path(os.environ["AIRFLOW_HOME"])
+    base = f"http://127.0.0.1:{os.environ.get('AIRFLOW_PORT', '8080')}"
+    mlflow_url = os.environ.get("MLFLOW_TRACKING_URI", "")
+    password = generated_password(airflow_home)
+    api = AirflowApi(base, "admin", password)
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    yesterday = today - dt.timedelta(days=1)
+    start = pin_replay_start(settings, yesterday)
+    log(f"replay calendar: replay day 0 = {start} (pinned in {settings.replay_start_file})")
+
+    api.wait_healthy()
+    api.wait_dag(DAG_ID)
+    api.set_paused(DAG_ID, False)
+    log(f"unpaused {DAG_ID}; the scheduler now starts the run for the last closed day, {yesterday}")
+
+    results = []
+    first = wait_for_run_of(api, yesterday)
+    if first is None:
+        log("scheduler made no run for yesterday; triggering it")
+        first = api.trigger(DAG_ID, yesterday, note="demo: first day")
+    results.append((yesterday, follow(api, first)))
+
+    log(f"triggering the next logical date, {today}, from the API (as the UI's Trigger form does)")
+    second = api.trigger(DAG_ID, today, note="demo: second day")
+    results.append((today, follow(api, second)))
+
+    print()
+    print("=" * 78)
+    print("Dayloop demo: what happened")
+    print("=" * 78)
+    for day, run in results:
+        failed = [ti["task_id"] for ti in api.task_instances(DAG_ID, run["dag_run_id"])
+                  if ti.get("state") in ("failed", "upstream_failed")]
+        print(f"run {run['dag_run_id']} (logical date {day}): {run['state'].upper()}"
+              + (f"  failed tasks: {', '.join(failed)}" if failed else ""))
+    print()
+    print(render(settings))
+    print()
+    print("Where to look:")
+    print(f"  Airflow UI : {base}  (user admin, password {password};"
+          f" also in {airflow_home}/simple_auth_manager_passwords.json.generated)")
+    print(f"  MLflow UI  : {mlflow_url}  (experiment dayloop-daily-refresh, model {settings.model_name})")
+    print(f"  Reports    : {settings.reports_dir}")
+    print(f"  Logs       : {os.environ.get('DAYLOOP_LOG_DIR')}")
+    print("  Stop it all: make stop")
+    ok = all(run["state"] == "success" for _, run in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except AirflowApiError as exc:
+        log(f"error: {exc}")
+        sys.exit(1)
