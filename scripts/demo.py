@@ -52,6 +52,12 @@ def follow(api: AirflowApi, run: dict) -> dict:
     return api.wait_run(DAG_ID, run["dag_run_id"], timeout_s=1800, on_change=show)
 
 
+def only_gate_said_no(api: AirflowApi, run: dict) -> bool:
+    states = {ti["task_id"]: ti.get("state") for ti in api.task_instances(DAG_ID, run["dag_run_id"])}
+    failed = {t for t, s in states.items() if s == "failed"}
+    return failed == {"gate_model"}
+
+
 def main() -> int:
     settings = load_settings()
     airflow_home = Path(os.environ["AIRFLOW_HOME"])
@@ -100,7 +106,10 @@ def main() -> int:
     print(f"  Reports    : {settings.reports_dir}")
     print(f"  Logs       : {os.environ.get('DAYLOOP_LOG_DIR')}")
     print("  Stop it all: make stop")
-    ok = all(run["state"] == "success" for _, run in results)
+    # A challenger the offline gate rejects is an honest outcome of the loop, not a
+    # broken demo; any other failure is.
+    ok = results[0][1]["state"] == "success" and (
+        results[1][1]["state"] == "success" or only_gate_said_no(api, results[1][1]))
     return 0 if ok else 1
 
 

@@ -22,7 +22,6 @@ from dayloop.planted import INDEX_FAULTS, MODEL_FAULTS, faults_for
 
 log = logging.getLogger("dayloop.pipeline")
 
-RANK_KS = (10, 50, 100)
 INDEX_K = 100
 
 
@@ -84,17 +83,18 @@ def train(ds: dt.date, settings: Settings, features_path: str, overrides: dict |
     if "shuffle_item_ids" in faults_for(ds, MODEL_FAULTS):
         log.warning("planted fault for %s: training on shuffled item ids", ds)
         params = replace(params, shuffle_item_ids=True)
-    out = settings.models_dir / f"ds={ds.isoformat()}" / "bundle"
+    out = settings.models_dir / f"ds={ds.isoformat()}"
     result = train_two_tower(Path(features_path), out, params)
     summary = {
-        "bundle": str(out),
-        "params": asdict(params),
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-        "step_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, list)},
+        "bundle": str(result.bundle_dir),
+        "device": result.device,
+        "params": asdict(result.params),
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+        "step_metrics": {k: [float(x) for x in v] for k, v in result.history.items()},
     }
-    (out.parent / "train_result.json").write_text(json.dumps(summary, indent=2, default=str))
-    log.info("trained %s: %s", ds, summary["metrics"])
-    return {"bundle": str(out), "train_result": str(out.parent / "train_result.json")}
+    (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info("trained %s on %s: %s", ds, result.device, summary["metrics"])
+    return {"bundle": str(result.bundle_dir), "train_result": str(out / "train_result.json")}
 
 
 def register(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
@@ -127,43 +127,26 @@ def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: s
 
     Raises OfflineGateFailed (after recording the decision) when the gate says no.
     """
-    from dayloop.features.build import load_feature_table
-    from dayloop.quality.offline_gate import (GateThresholds, check_exported_model, decide,
-                                              decision_tags)
-    from dayloop.quality.report import write_offline_report
-    from dayloop.quality.stats import psi
+    from dayloop.quality.offline_gate import GateThresholds, decision_tags, run_offline_gate
     from dayloop.registry import CHAMPION, Registry
-    from dayloop.training.bundle import ModelBundle
-    from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity
 
     thresholds = _override(GateThresholds(), overrides)
     reg = Registry(settings)
-    eval_df = load_feature_table(Path(features_path), "eval")
-    popularity = load_feature_table(Path(features_path), "popularity")
-
     challenger_dir = reg.download_bundle(version)
-    challenger_users, challenger_scores = evaluate_bundle(ModelBundle.load(challenger_dir), eval_df, RANK_KS)
-    popularity_users = evaluate_popularity(popularity, eval_df, RANK_KS)
-
     champion = reg.alias_version(CHAMPION)
     champion_version = None
-    champion_users = champion_scores = None
-    psi_value = None
     if champion is not None and str(champion.version) != str(version):
         champion_version = str(champion.version)
-        champion_users, champion_scores = evaluate_bundle(
-            ModelBundle.load(reg.download_bundle(champion_version)), eval_df, RANK_KS
-        )
-        psi_value = float(psi(champion_scores, challenger_scores))
     elif champion is not None:
-        log.info("version %s is already the champion; re-checking it against the floors only", version)
-
-    infra = check_exported_model(challenger_dir, budget_ms=thresholds.latency_budget_ms)
-    decision = decide(challenger_users, champion_users, popularity_users, thresholds, psi_value, infra)
+        log.info("version %s is already the champion; re-checking it by the bootstrap rule", version)
 
     report_dir = settings.reports_dir / f"ds={ds.isoformat()}" / "offline_gate"
-    report = write_offline_report(decision, challenger_users, champion_users, popularity_users,
-                                  {"challenger": challenger_scores, "champion": champion_scores}, report_dir)
+    gate = run_offline_gate(
+        challenger_dir,
+        reg.download_bundle(champion_version) if champion_version else None,
+        Path(features_path), report_dir, thresholds,
+    )
+    decision = gate.decision
     reg.log_artifacts(version, report_dir, "reports/offline_gate")
     tags = decision_tags(decision)
     tags["gate.offline.champion_version"] = champion_version or "none"
@@ -174,25 +157,22 @@ def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: s
 
     for reason in decision.reasons:
         log.info("offline gate: %s", reason)
-    outcome = {
-        "version": str(version),
-        "passed": bool(decision.passed),
-        "bootstrap": bool(decision.bootstrap),
-        "champion_version": champion_version,
-        "metrics": {k: float(v) for k, v in decision.metrics.items() if isinstance(v, (int, float))},
-        "reasons": list(decision.reasons),
-        "report": str(report),
-    }
     if not decision.passed:
         raise OfflineGateFailed(decision.reasons)
-    return outcome
+    return {
+        "version": str(version),
+        "passed": True,
+        "bootstrap": bool(decision.bootstrap),
+        "champion_version": champion_version,
+        "report": str(gate.report_path),
+    }
 
 
 def build_index(ds: dt.date, settings: Settings, version: str, features_path: str,
                 recall_floor: float = 0.95) -> dict[str, Any]:
     """FAISS index of the version's item embeddings, checked against exact search,
     attached to the version so model and index deploy as one unit."""
-    from dayloop.features.build import load_feature_table
+    from dayloop.features.schema import load_feature_table
     from dayloop.index.faiss_index import IndexSpec, build_and_check
     from dayloop.registry import TAG_INDEX_PREFIX, Registry
     from dayloop.training.bundle import ModelBundle

@@ -81,7 +81,9 @@ META_FILE = "meta.json"
 def table_file(name: str) -> str:
     """File name of feature table ``name`` inside a feature directory."""
     if name not in FEATURE_SCHEMA:
-        raise ValueError(f"unknown feature table {name!r}; expected one of {sorted(FEATURE_SCHEMA)}")
+        raise ValueError(
+            f"unknown feature table {name!r}; expected one of {sorted(FEATURE_SCHEMA)}"
+        )
     return f"{name}.parquet"
 
 

@@ -1,0 +1,450 @@
+"""Train the two-tower model on one feature directory and export its bundle.
+
+Reads the directory described in :mod:`dayloop.features.schema`; torch is imported
+only inside :func:`train_two_tower` so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dayloop.features.schema import FEATURE_SCHEMA, USER_FEATURE_COLUMNS, feature_schema_hash
+
+FEATURE_FILES = {part: f"{part}.parquet" for part in FEATURE_SCHEMA}
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyper-parameters of one training run.
+
+    Defaults are sized for ~300k examples (60 days x 5000 MovieLens ratings) to train in
+    about a minute on 2 CPU cores, and were chosen on real replay days (see
+    benchmarks/bench_offline_quality.py):
+
+    * ``logq_weight``: weight of the logQ correction subtracted from in-batch logits. 1 is
+      the unbiased correction; 0 disables it, which buries popular items (each one is a
+      negative in many batches). Values > 1 pull rankings toward popular items, which is
+      what next-day MovieLens behaviour rewards (2.0 measured best).
+    * ``history_cutoff='day'``: a training row sees the user's history as of the start of
+      its UTC day (the point-in-time history of the user's first event that day), exactly
+      what evaluation and serving see for day ds; ``'event'`` uses the row's own history
+      (strictly before ts), which teaches within-session continuation instead.
+    * ``user_id_dropout``: share of rows whose user id is replaced by "unknown" (0) so the
+      tower also learns to serve users it has no id embedding for (new users).
+    * ``history_length=None`` takes it from meta.json; ``max_train_rows`` keeps only the
+      most recent rows.
+    * ``num_threads`` caps torch's CPU threads during the run (None = torch's default, one
+      per core). It defaults to 1: on a 2-core box shared with the Airflow services and
+      Spark, OpenMP threads spin against each other (measured 9x slower per step at 2
+      threads under load), while one thread loses little when the box is idle.
+    * ``shuffle_item_ids`` deliberately corrupts the data (training targets relabelled by a
+      fixed random item permutation) to produce a bad model for gate tests and drills;
+      never use it in production.
+    """
+
+    embedding_dim: int = 64
+    epochs: int = 5
+    batch_size: int = 1024
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    temperature: float = 0.05
+    logq_weight: float = 2.0
+    history_length: int | None = None
+    feature_dim: int = 16
+    hidden_dim: int = 128
+    dropout: float = 0.1
+    user_id_dropout: float = 0.5
+    seed: int = 42
+    max_train_rows: int | None = None
+    history_cutoff: Literal["event", "day"] = "day"
+    device: str = "auto"
+    num_threads: int | None = 1
+    shuffle_item_ids: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("embedding_dim", "epochs", "batch_size", "feature_dim", "hidden_dim")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"TrainParams.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("TrainParams.batch_size must be >= 2 (in-batch negatives)")
+        if self.logq_weight < 0:
+            raise ValueError(f"TrainParams.logq_weight must be >= 0, got {self.logq_weight}")
+        if not self.lr > 0 or not self.temperature > 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"TrainParams needs lr > 0, temperature > 0, weight_decay >= 0; got lr={self.lr}, "
+                f"temperature={self.temperature}, weight_decay={self.weight_decay}"
+            )
+        if not 0.0 <= self.user_id_dropout <= 1.0:
+            raise ValueError(f"TrainParams.user_id_dropout must be in [0, 1], got {self.user_id_dropout}")
+        if self.history_cutoff not in ("event", "day"):
+            raise ValueError(f"TrainParams.history_cutoff must be 'event' or 'day', got {self.history_cutoff!r}")
+        if self.history_length is not None and self.history_length <= 0:
+            raise ValueError(f"TrainParams.history_length must be positive, got {self.history_length}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"TrainParams.num_threads must be positive, got {self.num_threads}")
+        if self.max_train_rows is not None and self.max_train_rows <= 0:
+            raise ValueError(f"TrainParams.max_train_rows must be positive, got {self.max_train_rows}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    ``metrics`` holds scalars only (MLflow ``log_metrics``-ready); ``history`` holds
+    per-epoch series (``loss``, ``epoch_seconds``) for step-wise logging.
+    """
+
+    bundle_dir: Path
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    device: str
+    params: TrainParams
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FeatureSet:
+    """The tables of one feature directory (pandas) plus its meta.json."""
+
+    path: Path
+    meta: dict[str, Any]
+    tables: dict[str, Any]
+
+    def __getitem__(self, part: str) -> Any:
+        return self.tables[part]
+
+
+def load_features(features_dir: Path, parts: tuple[str, ...] | None = None) -> FeatureSet:
+    """Read and validate a feature directory (files, columns, schema hash).
+
+    Raises ValueError naming the first problem: a missing file or column, an unreadable
+    meta.json, or a feature_schema_hash that this code was not written for.
+    """
+    import pandas as pd
+
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise ValueError(f"feature directory {features_dir} does not exist")
+    parts = tuple(FEATURE_SCHEMA) if parts is None else parts
+    unknown = [p for p in parts if p not in FEATURE_SCHEMA]
+    if unknown:
+        raise ValueError(f"unknown feature tables {unknown}; known: {sorted(FEATURE_SCHEMA)}")
+    meta_path = features_dir / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"feature directory {features_dir} lacks {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if "history_length" not in meta:
+        raise ValueError(f"{meta_path} lacks history_length")
+    expected_hash = feature_schema_hash(int(meta["history_length"]))
+    if meta.get("feature_schema_hash") != expected_hash:
+        raise ValueError(
+            f"{meta_path}: feature_schema_hash {meta.get('feature_schema_hash')!r} != "
+            f"{expected_hash!r} expected by this code (features built by another schema version)"
+        )
+    tables: dict[str, Any] = {}
+    for part in parts:
+        path = features_dir / FEATURE_FILES[part]
+        if not path.is_file():
+            raise ValueError(f"feature directory {features_dir} lacks {FEATURE_FILES[part]}")
+        df = pd.read_parquet(path)
+        missing = [c for c in FEATURE_SCHEMA[part] if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path} lacks columns {missing} (has {list(df.columns)})")
+        tables[part] = df
+    return FeatureSet(path=features_dir, meta=meta, tables=tables)
+
+
+def pad_id_lists(lists: Any, length: int) -> np.ndarray:
+    """Right-pad / truncate a column of id lists to int64[N, length] (0 = padding).
+
+    Accepts a pandas Series of lists/arrays (None = empty). Keeps the first ``length``
+    entries, which are the most recent ones in Dayloop's histories.
+    """
+    seqs = [np.asarray([] if v is None else v, dtype=np.int64)[:length] for v in lists]
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    lens = np.fromiter((s.size for s in seqs), dtype=np.int64, count=len(seqs))
+    if lens.sum():
+        flat = np.concatenate(seqs)
+        rows = np.repeat(np.arange(len(seqs)), lens)
+        cols = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        out[rows, cols] = flat
+    return out
+
+
+def _index_of(vocab_sorted: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index (position + 1) of ids in a sorted vocab; 0 where absent (or id is 0 padding)."""
+    if vocab_sorted.size == 0:
+        return np.zeros_like(ids, dtype=np.int64)
+    pos = np.searchsorted(vocab_sorted, ids)
+    pos_c = np.minimum(pos, vocab_sorted.size - 1)
+    return np.where(vocab_sorted[pos_c] == ids, pos_c + 1, 0).astype(np.int64)
+
+
+def _day_start_rows(train: Any) -> np.ndarray:
+    """For every row, the row of the same user's first event on the same UTC day.
+
+    That event's point-in-time history holds exactly the items before the day, which is
+    what the model sees at evaluation and serving time (history as of the start of ds).
+    """
+    users = train["user_id"].to_numpy(np.int64)
+    ts = train["ts"]
+    ticks = ts.astype("int64").to_numpy()  # unit does not matter, only the order
+    day = ts.dt.floor("D").astype("int64").to_numpy()
+    order = np.lexsort((ticks, day, users))
+    u_sorted, d_sorted = users[order], day[order]
+    new_group = np.ones(order.size, dtype=bool)
+    new_group[1:] = (u_sorted[1:] != u_sorted[:-1]) | (d_sorted[1:] != d_sorted[:-1])
+    group_first = order[np.flatnonzero(new_group)]
+    group_id = np.cumsum(new_group) - 1
+    out = np.empty(order.size, dtype=np.int64)
+    out[order] = group_first[group_id]
+    return out
+
+
+def _vocab_rows(meta: dict[str, Any], vocab_key: str, column: str, observed_max: int) -> int:
+    """Embedding-table rows for a 1-based code column (row 0 = unknown).
+
+    Takes the largest of meta's ``cardinalities[column]``, ``len(meta[vocab_key]) + 1`` and
+    the largest observed code + 1, so a stale or absent meta entry can never undersize it.
+    """
+    declared = 0
+    vocab = meta.get(vocab_key)
+    if isinstance(vocab, (list, tuple, dict)):
+        declared = len(vocab) + 1
+    cardinality = (meta.get("cardinalities") or {}).get(column)
+    if isinstance(cardinality, int) and not isinstance(cardinality, bool):
+        declared = max(declared, cardinality)
+    return max(declared, int(observed_max) + 1, 2)
+
+
+def _prepare(fs: FeatureSet, params: TrainParams, history_length: int) -> dict[str, Any]:
+    """Vocabularies, index tensors (as numpy) and item feature tables."""
+    train = fs["train"]
+    if len(train) == 0:
+        raise ValueError(f"{fs.path}/train.parquet has no rows; nothing to train on")
+    if params.max_train_rows is not None and len(train) > params.max_train_rows:
+        # the most recent rows are the most relevant for tomorrow's recommendations
+        order = np.lexsort(
+            (train["item_id"].to_numpy(), train["user_id"].to_numpy(), train["ts"].to_numpy())
+        )
+        train = train.iloc[order[-params.max_train_rows :]]
+    users, items, popularity = fs["users"], fs["items"], fs["popularity"]
+
+    train_users = train["user_id"].to_numpy(np.int64)
+    train_items = train["item_id"].to_numpy(np.int64)
+    # users.parquet users stay in the vocab so a server can look their features up
+    user_vocab = np.unique(np.concatenate([users["user_id"].to_numpy(np.int64), train_users]))
+    pop_items = popularity.loc[popularity["count"] > 0, "item_id"].to_numpy(np.int64)
+    # only items with interactions in the window are retrievable; catalog items that nobody
+    # touched would get untrained (random) id embeddings and pollute the top of the ranking
+    item_vocab = np.unique(np.concatenate([train_items, pop_items]))
+
+    feats = np.zeros((user_vocab.size, 3), dtype=np.int64)
+    u_idx = _index_of(user_vocab, users["user_id"].to_numpy(np.int64))
+    feats[u_idx - 1] = users[list(USER_FEATURE_COLUMNS)].to_numpy(np.int64)
+    if (feats < 0).any():
+        raise ValueError("users.parquet holds negative feature codes (codes are 1-based, 0 = unknown)")
+
+    max_genres = max([1, *(0 if g is None else len(g) for g in items["genre_ids"])])
+    item_genres = np.zeros((item_vocab.size + 1, max_genres), dtype=np.int64)
+    item_years = np.zeros(item_vocab.size + 1, dtype=np.int64)
+    i_idx = _index_of(item_vocab, items["item_id"].to_numpy(np.int64))
+    known = i_idx > 0
+    item_genres[i_idx[known]] = pad_id_lists(items["genre_ids"][known], max_genres)
+    item_years[i_idx[known]] = items["year_idx"].to_numpy(np.int64)[known]
+    if (item_genres < 0).any() or (item_years < 0).any():
+        raise ValueError("items.parquet holds negative codes (codes are 1-based, 0 = unknown)")
+
+    hist_ids = pad_id_lists(train["hist"], history_length)
+    if params.history_cutoff == "day":
+        hist_ids = hist_ids[_day_start_rows(train)]
+    hist_idx = np.where(hist_ids > 0, _index_of(item_vocab, hist_ids), 0)
+    meta = fs.meta
+    return {
+        "user_vocab": user_vocab,
+        "item_vocab": item_vocab,
+        "user_features": feats,
+        "item_genres": item_genres,
+        "item_years": item_years,
+        "user_idx": _index_of(user_vocab, train_users),
+        "hist_idx": hist_idx,
+        "item_idx": _index_of(item_vocab, train_items),
+        "sizes": {
+            "n_genders": _vocab_rows(meta, "gender_vocab", "gender_idx", feats[:, 0].max(initial=0)),
+            "n_ages": _vocab_rows(meta, "age_vocab", "age_idx", feats[:, 1].max(initial=0)),
+            "n_occupations": _vocab_rows(
+                meta, "occupation_vocab", "occupation_idx", feats[:, 2].max(initial=0)
+            ),
+            "n_genres": _vocab_rows(meta, "genre_vocab", "genre_ids", item_genres.max(initial=0)),
+            "n_years": _vocab_rows(meta, "year_buckets", "year_idx", item_years.max(initial=0)),
+            "max_genres": max_genres,
+        },
+    }
+
+
+def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> TrainResult:
+    """Train on ``features_dir`` and export the bundle to ``out_dir / 'bundle'``.
+
+    Also writes ``out_dir / 'train_metrics.json'``. Deterministic for a given seed and
+    device (CPU); on CUDA, cuBLAS may still add run-to-run noise at the 1e-6 level.
+    """
+    import torch
+
+    from dayloop.training.bundle import export_bundle
+    from dayloop.training.model import (
+        TowerConfig,
+        TwoTowerModel,
+        in_batch_softmax_loss,
+        resolve_device,
+        seed_everything,
+    )
+
+    fs = load_features(Path(features_dir))
+    history_length = int(params.history_length or fs.meta["history_length"])
+    params = replace(params, history_length=history_length)
+    data = _prepare(fs, params, history_length)
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    n_examples = int(data["item_idx"].size)
+
+    item_idx = data["item_idx"]
+    if params.shuffle_item_ids:
+        perm = np.random.default_rng(params.seed).permutation(data["item_vocab"].size) + 1
+        item_idx = perm[item_idx - 1]
+
+    cfg = TowerConfig(
+        n_users=int(data["user_vocab"].size),
+        n_items=int(data["item_vocab"].size),
+        history_length=history_length,
+        embedding_dim=params.embedding_dim,
+        feature_dim=params.feature_dim,
+        hidden_dim=params.hidden_dim,
+        dropout=params.dropout,
+        **data["sizes"],
+    )
+    model = TwoTowerModel(
+        cfg, torch.from_numpy(data["item_genres"]), torch.from_numpy(data["item_years"])
+    ).to(device)
+
+    feats_by_index = np.vstack([np.zeros((1, 3), np.int64), data["user_features"]])
+    user_t = torch.from_numpy(data["user_idx"]).to(device)
+    hist_t = torch.from_numpy(data["hist_idx"]).to(device)
+    feats_t = torch.from_numpy(feats_by_index[data["user_idx"]]).to(device)
+    item_t = torch.from_numpy(item_idx).to(device)
+    log_q = None
+    if params.logq_weight:
+        counts = np.bincount(item_idx, minlength=cfg.n_items + 1).astype(np.float64)
+        # items never sampled get the smallest observed probability, not log(0)
+        q = np.maximum(counts, 1.0) / n_examples
+        log_q = torch.from_numpy((params.logq_weight * np.log(q)).astype(np.float32)).to(device)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    losses: list[float] = []
+    epoch_seconds: list[float] = []
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if params.num_threads is not None:
+        torch.set_num_threads(params.num_threads)
+    try:
+        model.train()
+        for _epoch in range(params.epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(n_examples, generator=gen).to(device)
+            total, batches = 0.0, 0
+            for start in range(0, n_examples, params.batch_size):
+                b = order[start : start + params.batch_size]
+                if b.numel() < 2:
+                    continue  # a single example has no in-batch negatives
+                users = user_t[b]
+                if params.user_id_dropout > 0:
+                    drop = torch.rand(users.shape, generator=gen).to(device) < params.user_id_dropout
+                    users = users.masked_fill(drop, 0)
+                u = model.user_tower(users, hist_t[b], feats_t[b])
+                v = model.item_vectors(item_t[b])
+                loss = in_batch_softmax_loss(u, v, item_t[b], params.temperature, log_q)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds.append(time.perf_counter() - t0)
+            losses.append(total / max(batches, 1))
+            if not math.isfinite(losses[-1]):
+                raise RuntimeError(f"training diverged: epoch loss {losses[-1]} (lower lr?)")
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
+
+    with torch.no_grad():
+        # users without a training example keep only their features: their id row would
+        # otherwise be an untrained random vector
+        trained_users = np.zeros(cfg.n_users + 1, dtype=bool)
+        if params.user_id_dropout < 1.0:
+            trained_users[data["user_idx"]] = True
+        untouched = torch.from_numpy(~trained_users).to(device)
+        model.user_tower.user_embedding.weight[untouched] = 0.0
+
+    train_seconds = float(sum(epoch_seconds))
+    metrics: dict[str, float] = {
+        "final_loss": losses[-1],
+        "first_loss": losses[0],
+        "examples_per_s": params.epochs * n_examples / train_seconds if train_seconds else 0.0,
+        "seconds_per_epoch": train_seconds / params.epochs,
+        "train_seconds": train_seconds,
+        "n_train_examples": float(n_examples),
+        "n_users": float(cfg.n_users),
+        "n_items": float(cfg.n_items),
+        "epochs": float(params.epochs),
+    }
+    history = {"loss": losses, "epoch_seconds": epoch_seconds}
+    extra_meta = {
+        "feature_schema_hash": fs.meta["feature_schema_hash"],
+        "features_ds": fs.meta.get("ds"),
+        "features_window": [fs.meta.get("window_start"), fs.meta.get("window_end")],
+        "train_params": params.as_dict(),
+        "train_metrics": metrics,
+        "train_device": str(device),
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle_dir = export_bundle(
+        model,
+        user_ids=data["user_vocab"],
+        user_features=data["user_features"],
+        item_ids=data["item_vocab"],
+        out_dir=out_dir / "bundle",
+        extra_meta=extra_meta,
+    )
+    report = {"metrics": metrics, "history": history, "device": str(device), "params": params.as_dict()}
+    tmp = out_dir / f".train_metrics.json.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, out_dir / "train_metrics.json")
+    return TrainResult(
+        bundle_dir=bundle_dir,
+        metrics=metrics,
+        history=history,
+        device=str(device),
+        params=params,
+        meta=extra_meta,
+    )

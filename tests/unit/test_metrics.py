@@ -1,0 +1,152 @@
+"""Ranking metrics and the evaluators on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity, popularity_ranking
+from dayloop.training.metrics import (
+    aggregate,
+    metric_column,
+    metrics_from_topk,
+    mlflow_key,
+    ndcg_at_k,
+    parse_metric_column,
+    recall_at_k,
+)
+
+D1, D2, D3 = 1.0, 1 / math.log2(3), 0.5  # discounts of ranks 1..3
+
+
+def test_recall_and_ndcg_hand_computed() -> None:
+    ranked = [5, 3, 9, 1, 7]
+    targets = {3, 7, 8}
+    assert recall_at_k(ranked, targets, 3) == pytest.approx(1 / 3)
+    assert ndcg_at_k(ranked, targets, 3) == pytest.approx(D2 / (D1 + D2 + D3))
+    # at 5 both 3 (rank 2) and 7 (rank 5) are hits
+    assert recall_at_k(ranked, targets, 5) == pytest.approx(2 / 3)
+    dcg5 = D2 + 1 / math.log2(6)
+    assert ndcg_at_k(ranked, targets, 5) == pytest.approx(dcg5 / (D1 + D2 + D3))
+
+
+def test_seen_items_are_removed_before_the_cutoff() -> None:
+    ranked = [5, 3, 9, 1, 7]
+    # without 5 the ranking is [3, 9, 1, 7]: the hit moves to rank 1
+    assert recall_at_k(ranked, {3, 7, 8}, 3, seen={5}) == pytest.approx(1 / 3)
+    assert ndcg_at_k(ranked, {3, 7, 8}, 3, seen={5}) == pytest.approx(1 / (D1 + D2 + D3))
+    # a seen target cannot be retrieved and leaves the denominator
+    assert recall_at_k([3, 9], {3, 5}, 1, seen={5}) == 1.0
+    assert ndcg_at_k([3, 9], {3, 5}, 1, seen={5}) == 1.0
+
+
+def test_perfect_and_empty_cases() -> None:
+    assert ndcg_at_k([1, 2, 3], {1, 2}, 10) == pytest.approx(1.0)
+    assert recall_at_k([1, 2, 3], {1, 2}, 10) == 1.0
+    assert recall_at_k([4, 5], {1}, 2) == 0.0 and ndcg_at_k([4, 5], {1}, 2) == 0.0
+    assert math.isnan(recall_at_k([1], [], 1)) and math.isnan(ndcg_at_k([1], {2}, 1, seen={2}))
+    # duplicates in a ranking score once
+    assert recall_at_k([1, 1, 2], {1, 2}, 2) == 0.5
+    with pytest.raises(ValueError, match="k must be positive"):
+        recall_at_k([1], {1}, 0)
+
+
+def test_vectorised_metrics_match_scalar_ones() -> None:
+    rng = np.random.default_rng(3)
+    topk = np.stack([rng.permutation(40)[:12] for _ in range(30)])
+    topk[0, 8:] = -1  # short list padded with -1
+    targets = [rng.choice(40, size=rng.integers(1, 15), replace=False) for _ in range(30)]
+    cols = metrics_from_topk(topk, targets, ks=(5, 12))
+    for u in range(30):
+        ranked = topk[u][topk[u] >= 0]
+        for k in (5, 12):
+            assert cols[f"recall@{k}"][u] == pytest.approx(recall_at_k(ranked, targets[u], k))
+            assert cols[f"ndcg@{k}"][u] == pytest.approx(ndcg_at_k(ranked, targets[u], k))
+
+
+def test_vectorised_metrics_hand_case_and_empty_targets() -> None:
+    cols = metrics_from_topk(np.array([[5, 3, 9], [1, 2, 3]]), [np.array([3, 7]), np.array([], int)], ks=(2,))
+    assert cols["recall@2"][0] == 0.5
+    assert cols["ndcg@2"][0] == pytest.approx(D2 / (D1 + D2))
+    assert math.isnan(cols["recall@2"][1]) and math.isnan(cols["ndcg@2"][1])
+    with pytest.raises(ValueError, match="target lists"):
+        metrics_from_topk(np.zeros((2, 3), int), [np.array([1])], ks=(1,))
+
+
+def test_aggregate_and_column_names() -> None:
+    df = pd.DataFrame({"user_id": [1, 2, 3], "recall@10": [0.5, np.nan, 1.0], "n_targets": [1, 2, 3]})
+    assert aggregate(df) == {"recall@10": 0.75}
+    assert metric_column("ndcg", 50) == "ndcg@50"
+    assert parse_metric_column("recall@100") == ("recall", 100)
+    assert mlflow_key("recall@10") == "recall_at_10"
+    for bad in ("recall", "map@10", "recall@0", "recall@x"):
+        with pytest.raises(ValueError):
+            parse_metric_column(bad)
+
+
+def _eval_df() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": [7, 3, 9],
+            "hist": [[10], [20, 10], []],
+            "seen": [[10], [20, 10], [30]],
+            "targets": [[30, 40], [40], [30]],  # user 9's only target is seen: not evaluable
+        }
+    )
+
+
+def test_popularity_baseline_hand_computed() -> None:
+    pop = pd.DataFrame({"item_id": [40, 10, 30, 20, 50], "count": [2, 5, 3, 4, 0]})
+    assert popularity_ranking(pop).tolist() == [10, 20, 30, 40]  # count 0 is not ranked
+    out = evaluate_popularity(pop, _eval_df(), ks=(1, 2))
+    assert out["user_id"].tolist() == [3, 7]
+    assert out["n_targets"].tolist() == [1, 2]
+    # user 3 (seen 10, 20): ranking [30, 40] -> 40 at rank 2
+    u3 = out.iloc[0]
+    assert u3["recall@1"] == 0.0 and u3["recall@2"] == 1.0
+    assert u3["ndcg@2"] == pytest.approx(D2)
+    # user 7 (seen 10): ranking [20, 30, 40] -> 30 at rank 2 of targets {30, 40}
+    u7 = out.iloc[1]
+    assert u7["recall@2"] == 0.5 and u7["ndcg@2"] == pytest.approx(D2 / (D1 + D2))
+
+
+class _FakeBundle:
+    """Minimal stand-in for ModelBundle: fixed user vectors, 4 items in 2-D."""
+
+    item_ids = np.array([10, 20, 30, 40], dtype=np.int64)
+    item_embeddings = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32)
+    n_items = 4
+
+    def encode_users(self, user_ids, hists):
+        vecs = {3: [0.0, 1.0], 7: [1.0, 0.0]}
+        return np.array([vecs[int(u)] for u in user_ids], dtype=np.float32)
+
+    def item_index(self, ids):
+        lookup = {int(v): i + 1 for i, v in enumerate(self.item_ids)}
+        return np.array([lookup.get(int(i), 0) for i in np.asarray(ids).ravel()], dtype=np.int64)
+
+
+def test_evaluate_bundle_exact_topk_with_seen_filter() -> None:
+    res = evaluate_bundle(_FakeBundle(), _eval_df(), ks=(1, 2))
+    df = res.per_user
+    assert df["user_id"].tolist() == [3, 7]
+    # user 3 = (0, 1): scores 10:0, 20:.6, 30:1, 40:0; seen {10, 20} -> ranking [30, 40]
+    assert df.iloc[0]["recall@1"] == 0.0 and df.iloc[0]["recall@2"] == 1.0
+    # user 7 = (1, 0): scores 10:1, 20:.8, 30:0, 40:-1; seen {10} -> ranking [20, 30, 40]
+    assert df.iloc[1]["recall@2"] == 0.5
+    np.testing.assert_allclose(res.top1_scores, [1.0, 0.8], atol=1e-6)
+    # z-score of the best unseen item: user 3 scores over unseen items {30: 1, 40: 0}
+    assert res.top1_zscores[0] == pytest.approx(1.0)
+    assert res.top1_scores.shape == res.top1_zscores.shape
+
+
+def test_evaluators_reject_malformed_eval_frames() -> None:
+    pop = pd.DataFrame({"item_id": [1], "count": [1]})
+    with pytest.raises(ValueError, match="lacks columns"):
+        evaluate_popularity(pop, _eval_df().drop(columns="seen"))
+    dup = pd.concat([_eval_df(), _eval_df().head(1)])
+    with pytest.raises(ValueError, match="one row per user"):
+        evaluate_popularity(pop, dup)
