@@ -5,7 +5,8 @@ trains a two-tower model with the default TrainParams and evaluates both the mod
 the popularity baseline (measured in the same run) on that day's eval users. Prints
 recall@10/50/100 and NDCG@10 per day with the two-tower / popularity ratio, then, from
 the second day on, the offline gate run the way the DAG runs it (today's model as
-challenger, yesterday's as champion, default GateThresholds). No asserts: it reports.
+challenger, yesterday's as champion, default GateThresholds); ``--shuffled`` adds a
+model trained on corrupted data (item ids permuted) for the last day. No asserts.
 
     .venv/bin/python benchmarks/bench_offline_quality.py --days 3
     .venv/bin/python benchmarks/bench_offline_quality.py --home /tmp/dl --days 5 --epochs 3
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-gate", action="store_true", help="skip the day-over-day gate runs")
+    parser.add_argument(
+        "--shuffled", action="store_true", help="also gate a model trained with shuffled item ids on the last day"
+    )
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from dayloop.quality.offline_gate import GateThresholds, run_offline_gate
     from dayloop.training.bundle import ModelBundle
     from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity
+    from dayloop.training.metrics import mlflow_key
     from dayloop.training.train import train_two_tower
 
     home = args.home or Path(tempfile.mkdtemp(prefix="dayloop-bench-quality-"))
@@ -58,7 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     params = replace(defaults, epochs=args.epochs, seed=args.seed)
     print(f"params: {params}\n", flush=True)
 
+    thresholds = GateThresholds()
+    primary = mlflow_key(thresholds.primary_column)
     rows, gates, bundles = [], [], {}
+
+    def gate_row(label: str, challenger: Path, champion: Path, fdir: Path, report: Path) -> None:
+        d = run_offline_gate(challenger, champion, fdir, report, thresholds).decision
+        gates.append(
+            {
+                "run": label,
+                "passed": d.passed,
+                f"challenger {primary}": round(d.metrics.get(primary, float("nan")), 4),
+                f"champion {primary}": round(d.metrics.get(f"champion.{primary}", float("nan")), 4),
+                "pop lift": round(d.metrics.get("popularity_lift", float("nan")), 2),
+                "p": round(d.metrics.get("noninferiority.p_value", float("nan")), 4),
+                "psi": round(d.metrics.get("psi", float("nan")), 3),
+                "latency_ms": round(d.metrics.get("infra.latency_ms", float("nan")), 2),
+            }
+        )
+        for reason in d.failures:
+            print(f"  gate {label}: {reason}", flush=True)
+
     for ds in days:
         fdir = features[ds]
         eval_df = pd.read_parquet(fdir / "eval.parquet")
@@ -80,24 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
         prev = ds - dt.timedelta(days=1)
         if not args.no_gate and prev in bundles:
-            run = run_offline_gate(
-                res.bundle_dir, bundles[prev], fdir, home / "bench_reports" / f"ds={ds}", GateThresholds()
-            )
-            d = run.decision
-            gates.append(
-                {
-                    "ds": ds.isoformat(),
-                    "passed": d.passed,
-                    "challenger r@10": round(d.metrics.get("recall_at_10", float("nan")), 4),
-                    "champion r@10": round(d.metrics.get("champion.recall_at_10", float("nan")), 4),
-                    "lift": round(d.metrics.get("popularity_lift", float("nan")), 2),
-                    "p": round(d.metrics.get("noninferiority.p_value", float("nan")), 4),
-                    "psi": round(d.metrics.get("psi", float("nan")), 3),
-                    "latency_ms": round(d.metrics.get("infra.latency_ms", float("nan")), 2),
-                }
-            )
-            for reason in d.failures:
-                print(f"  gate {ds}: {reason}", flush=True)
+            gate_row(ds.isoformat(), res.bundle_dir, bundles[prev], fdir, home / "bench_reports" / f"ds={ds}")
+
+    if args.shuffled and len(days) >= 2:
+        last, prev = days[-1], days[-2]
+        bad = train_two_tower(
+            features[last],
+            home / "bench_models" / "quality" / f"ds={last}-shuffled",
+            replace(params, shuffle_item_ids=True),
+        )
+        gate_row(f"{last} shuffled", bad.bundle_dir, bundles[prev], features[last],
+                 home / "bench_reports" / f"ds={last}-shuffled")
 
     table = pd.DataFrame(rows).set_index("ds")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
@@ -109,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train seconds per day: {table['train_s'].tolist()}")
         if gates:
             print("\noffline gate, today's model vs yesterday's champion (default thresholds):")
-            print(pd.DataFrame(gates).set_index("ds").to_string())
+            print(pd.DataFrame(gates).set_index("run").to_string())
     return 0
 
 

@@ -217,6 +217,15 @@ def test_training_is_deterministic_for_a_seed(trained: dict, tmp_path: Path) -> 
     )
 
 
+def test_row_cap_and_event_histories(trained: dict, tmp_path: Path) -> None:
+    from dayloop.training.train import TrainParams, train_two_tower
+
+    params = TrainParams(seed=1, max_train_rows=500, history_cutoff="event", **{**FAST, "epochs": 1})
+    res = train_two_tower(trained["features"], tmp_path / "capped", params)
+    assert res.metrics["n_train_examples"] == 500
+    assert res.params.history_length == HISTORY_LENGTH  # filled in from meta.json
+
+
 def test_learned_model_beats_popularity_and_bad_model_does_not(trained: dict) -> None:
     from dayloop.training.evaluate import evaluate_popularity
 
@@ -235,9 +244,9 @@ def test_gate_rejects_corrupted_model_and_accepts_second_seed(trained: dict) -> 
     from dayloop.quality.offline_gate import GateThresholds, run_offline_gate
 
     root, features = trained["root"], trained["features"]
-    # two seeds differ by a few % of recall@10 on 400 users: allow 10 %, and a wide PSI
-    # limit, so this test is about the corrupted model, not about seed noise
-    thresholds = GateThresholds(latency_budget_ms=1000.0, noninferiority_margin=0.10, max_psi=0.5)
+    # default limits; only the latency budget is widened because the 2 cores are shared
+    # with other test suites
+    thresholds = GateThresholds(latency_budget_ms=1000.0)
     champion = trained["a"].bundle_dir
 
     ok = run_offline_gate(trained["b"].bundle_dir, champion, features, root / "report_b", thresholds)

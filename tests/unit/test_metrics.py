@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity, popularity_ranking
+from dayloop.training.evaluate import (
+    evaluate_bundle,
+    evaluate_popularity,
+    popularity_ranking,
+    top1_score_sample,
+    window_histories,
+)
 from dayloop.training.metrics import (
     aggregate,
     metric_column,
@@ -150,3 +156,25 @@ def test_evaluators_reject_malformed_eval_frames() -> None:
     dup = pd.concat([_eval_df(), _eval_df().head(1)])
     with pytest.raises(ValueError, match="one row per user"):
         evaluate_popularity(pop, dup)
+
+
+def test_window_histories_end_of_window() -> None:
+    ts = pd.to_datetime(["2026-01-01 10:00", "2026-01-02 09:00", "2026-01-01 08:00", "2026-01-03 00:00"], utc=True)
+    train = pd.DataFrame(
+        {"user_id": [1, 1, 2, 1], "item_id": [11, 12, 21, 13], "ts": ts, "hist": [[5], [11, 5], [], [12, 11, 5]]}
+    )
+    users, hists = window_histories(train, history_length=3)
+    assert users.tolist() == [1, 2]
+    assert hists[0].tolist() == [13, 12, 11]  # last event first, then its own history
+    assert hists[1].tolist() == [21]
+
+
+def test_top1_score_sample_raw_and_z() -> None:
+    raw, z = top1_score_sample(_FakeBundle(), np.array([3, 7]), [[], []])
+    # user 3 = (0, 1): scores (0, .6, 1, 0), mean .4, population std sqrt(.18)
+    assert raw[0] == pytest.approx(1.0)
+    assert z[0] == pytest.approx(0.6 / math.sqrt(0.18), rel=1e-5)
+    # sampling keeps at most max_users, deterministically
+    r1, _ = top1_score_sample(_FakeBundle(), np.array([3, 7, 3, 7]), [[]] * 4, max_users=2, seed=1)
+    r2, _ = top1_score_sample(_FakeBundle(), np.array([3, 7, 3, 7]), [[]] * 4, max_users=2, seed=1)
+    assert r1.size == 2 and r1.tolist() == r2.tolist()

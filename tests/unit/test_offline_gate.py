@@ -22,6 +22,7 @@ from dayloop.quality.report import write_offline_report
 
 N = 300
 THRESHOLDS = GateThresholds(
+    primary_metric="recall",
     noninferiority_margin=0.05, min_recall=0.05, min_ndcg=0.05, min_popularity_lift=1.2, max_psi=0.25
 )
 # same rule as MLflow's tag key validation (posix): no '@', no leading '/'
@@ -86,6 +87,17 @@ def test_fail_noninferiority(frames: dict) -> None:
     assert d.metrics["noninferiority.mean_diff"] < -d.metrics["noninferiority.margin_abs"]
     with pytest.raises(OfflineGateFailed, match="non-inferiority"):
         d.raise_if_failed()
+
+
+def test_primary_metric_drives_noninferiority(frames: dict) -> None:
+    # challenger keeps the champion's ndcg but loses 30 % recall
+    mixed = frames["worse"].assign(**{"ndcg@10": frames["champion"]["ndcg@10"]})
+    on_ndcg = replace(THRESHOLDS, primary_metric="ndcg")
+    d = decide(mixed, frames["champion"], frames["popularity"], on_ndcg, 0.05, _infra())
+    assert d.passed, d.reasons
+    assert any("non-inferiority on ndcg@10" in r for r in d.reasons)
+    d = decide(mixed, frames["champion"], frames["popularity"], THRESHOLDS, 0.05, _infra())
+    assert not d.passed and "non-inferiority on recall@10" in _failed_checks(d)
 
 
 def test_absolute_margin_mode(frames: dict) -> None:
@@ -156,7 +168,8 @@ def test_thresholds_validate() -> None:
         GateThresholds(primary_metric="map")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         GateThresholds(margin_mode="percent")  # type: ignore[arg-type]
-    assert GateThresholds(k=50, primary_metric="ndcg").primary_column == "ndcg@50"
+    assert GateThresholds(k=50, primary_metric="recall").primary_column == "recall@50"
+    assert GateThresholds().primary_column == "ndcg@10"
 
 
 def test_decision_tags_are_mlflow_safe(frames: dict) -> None:

@@ -107,7 +107,7 @@ def _score_plot(samples: Mapping[str, np.ndarray], psi_value: float | None) -> b
     if psi_value is not None:
         title += f" (PSI {psi_value:.4f})"
     ax.set_title(title)
-    ax.set_xlabel("top-1 score of the best unseen item (z-score over the user's unseen items)")
+    ax.set_xlabel("top-1 score per user, z-scored over the user's scores of all items")
     ax.set_ylabel("share of users")
     ax.legend(fontsize=8)
     fig.tight_layout()

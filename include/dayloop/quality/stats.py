@@ -87,8 +87,10 @@ def paired_noninferiority(
     H0: mean(challenger - champion) <= -margin (challenger is worse by at least ``margin``,
     absolute units of the metric); H1: it is worse by less than that, or better.
     ``noninferior`` is True iff H0 is rejected at level ``alpha``. ``method='t'`` is a
-    one-sample t-test on the shifted differences; ``'wilcoxon'`` the signed-rank test
-    (location shift, robust to the many ties at 0 that recall produces).
+    one-sample t-test on the shifted differences (the mean is what the gate cares
+    about). ``'wilcoxon'`` is the signed-rank test on the shifted differences; it tests
+    the median, so with zero-inflated metrics (most users at 0 under both models) any
+    positive margin makes it reject H0 easily: use it only for dense metrics.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0 (absolute metric units), got {margin}")

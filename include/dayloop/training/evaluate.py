@@ -187,3 +187,60 @@ def evaluate_popularity(
         head = head[~np.isin(head, seen)][:max_k]
         topk[u, : head.size] = head
     return _frame(users, topk, ks)
+
+
+def window_histories(train_df: pd.DataFrame, history_length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every user active in train.parquet with their history as of the end of the window.
+
+    The history is the user's last event followed by that event's own (point-in-time)
+    history, most recent first, cut to ``history_length``. Sorted by user_id.
+    """
+    for col in ("user_id", "item_id", "ts", "hist"):
+        if col not in train_df.columns:
+            raise ValueError(f"train frame lacks column {col!r}")
+    if history_length <= 0:
+        raise ValueError(f"history_length must be positive, got {history_length}")
+    if len(train_df) == 0:
+        return np.empty(0, dtype=np.int64), []
+    order = np.lexsort((train_df["ts"].astype("int64").to_numpy(), train_df["user_id"].to_numpy(np.int64)))
+    df = train_df.iloc[order]
+    users = df["user_id"].to_numpy(np.int64)
+    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])
+    items, hists = df["item_id"].to_numpy(np.int64), df["hist"].to_numpy()
+    out = [np.r_[items[i], _as_ids(hists[i])][:history_length].astype(np.int64) for i in last]
+    return users[last], out
+
+
+def top1_score_sample(
+    bundle: ModelBundle,
+    user_ids: np.ndarray,
+    hists: Sequence[Sequence[int] | np.ndarray],
+    max_users: int = 20_000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, z) top-1 scores over all items for a seeded sample of at most ``max_users``.
+
+    Used for PSI on a population much larger than one day's eval users: with ~100 users
+    PSI is dominated by sampling noise. No seen-filtering here (it is a drift signal, not
+    a quality metric), so the top-1 may be an item the user already knows.
+    """
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    if len(hists) != user_ids.size:
+        raise ValueError(f"{user_ids.size} user ids but {len(hists)} histories")
+    pick = np.arange(user_ids.size)
+    if user_ids.size > max_users:
+        pick = np.sort(np.random.default_rng(seed).choice(user_ids.size, max_users, replace=False))
+    if pick.size == 0 or bundle.n_items == 0:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    user_vec = bundle.encode_users(user_ids[pick], [hists[i] for i in pick])
+    n_items = bundle.n_items
+    block = max(1, min(4096, MAX_SCORE_BLOCK_BYTES // (4 * n_items)))
+    raw = np.empty(pick.size, np.float32)
+    z = np.empty(pick.size, np.float32)
+    for start in range(0, pick.size, block):
+        scores = user_vec[start : start + block] @ bundle.item_embeddings.T
+        best = scores.max(axis=1)
+        std = scores.std(axis=1)
+        raw[start : start + block] = best
+        z[start : start + block] = np.where(std > 0, (best - scores.mean(axis=1)) / np.maximum(std, 1e-12), 0.0)
+    return raw, z

@@ -104,8 +104,10 @@ class TrainParams:
 class TrainResult:
     """What a training run produced.
 
-    ``metrics`` holds scalars only (MLflow ``log_metrics``-ready); ``history`` holds
-    per-epoch series (``loss``, ``epoch_seconds``) for step-wise logging.
+    ``metrics`` holds floats only (MLflow ``log_metrics``-ready): final/first loss,
+    ``loss_epoch_<i>``, examples_per_s, seconds_per_epoch, train_seconds, sizes.
+    ``history`` holds the per-epoch series (``loss``, ``epoch_seconds``) for step-wise
+    logging; ``device`` is where it trained ('cpu' / 'cuda').
     """
 
     bundle_dir: Path
@@ -249,6 +251,9 @@ def _prepare(fs: FeatureSet, params: TrainParams, history_length: int) -> dict[s
 
     train_users = train["user_id"].to_numpy(np.int64)
     train_items = train["item_id"].to_numpy(np.int64)
+    if (train_items <= 0).any():
+        # 0 is the padding index of every history; a real item 0 would vanish from them
+        raise ValueError(f"{fs.path}/train.parquet holds item ids <= 0; item ids must be positive")
     # users.parquet users stay in the vocab so a server can look their features up
     user_vocab = np.unique(np.concatenate([users["user_id"].to_numpy(np.int64), train_users]))
     pop_items = popularity.loc[popularity["count"] > 0, "item_id"].to_numpy(np.int64)
@@ -416,6 +421,7 @@ def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> T
         "n_users": float(cfg.n_users),
         "n_items": float(cfg.n_items),
         "epochs": float(params.epochs),
+        **{f"loss_epoch_{i}": loss for i, loss in enumerate(losses)},
     }
     history = {"loss": losses, "epoch_seconds": epoch_seconds}
     extra_meta = {
