@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNER = Path(__file__).with_name("_run_dag_test.py")
+RUNNER = Path(__file__).with_name("dagtest_runner.py")
 START = dt.date(2026, 11, 1)
 
 

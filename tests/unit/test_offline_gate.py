@@ -136,8 +136,10 @@ def test_infra_failures(frames: dict) -> None:
     broken = _infra(ok=False, problems=["/x/user_tower.pt is missing"])
     d = decide(frames["same"], frames["champion"], frames["popularity"], THRESHOLDS, 0.05, broken)
     assert not d.passed and "user_tower.pt is missing" in _failed_checks(d)
-    slow = decide(frames["same"], frames["champion"], frames["popularity"], THRESHOLDS, 0.05, _infra(latency=80.0))
-    assert not slow.passed and "budget 50.0 ms" in _failed_checks(slow)
+    slow_latency = THRESHOLDS.latency_budget_ms + 30.0
+    slow = decide(frames["same"], frames["champion"], frames["popularity"], THRESHOLDS, 0.05,
+                  _infra(latency=slow_latency))
+    assert not slow.passed and f"budget {THRESHOLDS.latency_budget_ms:.1f} ms" in _failed_checks(slow)
     unchecked = decide(frames["same"], None, frames["popularity"], THRESHOLDS, None, None)
     assert not unchecked.passed and "not checked" in _failed_checks(unchecked)
 

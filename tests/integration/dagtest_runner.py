@@ -1,6 +1,6 @@
 """Run one `dag.test()` of a DAG in this (fresh) process and print a JSON summary.
 
-Usage: python _run_dag_test.py <dags_folder> <dag_id> <YYYY-MM-DD> [conf-json]
+Usage: python dagtest_runner.py <dags_folder> <dag_id> <YYYY-MM-DD> [conf-json]
 """
 
 import json
