@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dayloop.config import Settings, load_settings
 
-_METRICS = ("recall@10", "ndcg@10", "recall@100")
+_METRICS = ("recall_at_10", "ndcg_at_10", "recall_at_100")
 
 
 def _fmt(value: str | None) -> str:
@@ -38,9 +38,10 @@ def version_rows(settings: Settings) -> list[dict[str, str]]:
             "aliases": ",".join(aliases.get(str(mv.version), [])) or "-",
             "gate": tags.get("gate.offline.decision", "-"),
             "vs": tags.get("gate.offline.champion_version", "-"),
-            **{m: _fmt(tags.get(f"gate.offline.challenger.{m}")) for m in _METRICS},
-            "champion recall@10": _fmt(tags.get("gate.offline.champion.recall@10")),
-            "popularity recall@10": _fmt(tags.get("gate.offline.popularity.recall@10")),
+            **{m.replace("_at_", "@"): _fmt(tags.get(f"gate.offline.{m}")) for m in _METRICS},
+            "champion ndcg@10": _fmt(tags.get("gate.offline.champion.ndcg_at_10")),
+            "popularity ndcg@10": _fmt(tags.get("gate.offline.popularity.ndcg_at_10")),
+            "psi": _fmt(tags.get("gate.offline.psi")),
             "index": f"{tags.get('dayloop.index.kind', '-')} r@100={_fmt(tags.get('dayloop.index.recall_at_100'))}",
         })
     return rows
