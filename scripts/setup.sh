@@ -40,6 +40,25 @@ if [ ! -x "$DAYLOOP_VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$w
   echo "$want" > "$stamp"
 fi
 
-# 3. The real dataset (never committed; MovieLens terms forbid redistribution).
+# 3. The data plane's venv (Triton's wheel pins numpy 1.x, so it cannot share the one above).
+sstamp="$DAYLOOP_SERVING_VENV/.dayloop-stamp"
+swant="$(cat serving/requirements.txt | sha256sum | cut -c1-16)"
+if [ ! -x "$DAYLOOP_SERVING_VENV/bin/python" ] || [ "$(cat "$sstamp" 2>/dev/null)" != "$swant" ]; then
+  echo "setup: building $DAYLOOP_SERVING_VENV (Triton, FAISS, router)"
+  [ -x "$DAYLOOP_SERVING_VENV/bin/python" ] || "$PY311" -m venv "$DAYLOOP_SERVING_VENV"
+  "$DAYLOOP_SERVING_VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  "$DAYLOOP_SERVING_VENV/bin/python" -m pip install -q -r serving/requirements.txt
+  "$DAYLOOP_SERVING_VENV/bin/python" -m pip check
+  echo "$swant" > "$sstamp"
+fi
+
+# 4. Prometheus (and promtool) from the distribution's package; its service is never used:
+#    the data plane starts the binary itself.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "setup: installing Prometheus"
+  apt_install prometheus
+fi
+
+# 5. The real dataset (never committed; MovieLens terms forbid redistribution).
 "$DAYLOOP_VENV/bin/python" -m dayloop.data.movielens
 echo "setup: ready"

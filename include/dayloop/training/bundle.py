@@ -9,6 +9,11 @@ Layout of a bundle directory (format version 1)::
     item_ids.npy         int64 [n_items]
     user_ids.npy         int64 [n_users]
     user_features.npy    int64 [n_users, 3] (gender_idx, age_idx, occupation_idx) of user_ids[j]
+    user_history.npy     int64 [n_users, L] model item indices: each user's history as of the
+                         end of the training window (the serving-time feature snapshot)
+    serving_tower.pt     TorchScript; forward(user_id int64[B, 1]) -> float32[B, D]: the user
+                         tower with the id lookup, feature table and history snapshot built in,
+                         so a server needs nothing but this file (Triton runs it as is)
     model_meta.json      shapes, names, vocab conventions, feature_schema_hash, train params
 
 Index convention: the id at row j of ``user_ids``/``item_ids`` has model index j + 1;
@@ -39,6 +44,8 @@ ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 USER_IDS_FILE = "user_ids.npy"
 USER_FEATURES_FILE = "user_features.npy"
+USER_HISTORY_FILE = "user_history.npy"
+SERVING_TOWER_FILE = "serving_tower.pt"
 META_FILE = "model_meta.json"
 BUNDLE_FILES = (
     USER_TOWER_FILE,
@@ -46,6 +53,8 @@ BUNDLE_FILES = (
     ITEM_IDS_FILE,
     USER_IDS_FILE,
     USER_FEATURES_FILE,
+    USER_HISTORY_FILE,
+    SERVING_TOWER_FILE,
     META_FILE,
 )
 INPUT_NAMES = ("user_idx", "hist_idx", "user_feats")
@@ -79,11 +88,14 @@ def export_bundle(
     item_ids: np.ndarray,
     out_dir: Path,
     extra_meta: dict[str, Any] | None = None,
+    user_history: np.ndarray | None = None,
 ) -> Path:
     """Write the bundle for a trained model to ``out_dir`` atomically and return it.
 
     The user tower is compiled with ``torch.jit.script`` and checked against the eager
     model on a sample batch before anything becomes visible at ``out_dir``.
+    ``user_history`` ([n_users, L] model item indices, row j = user_ids[j]) is the history
+    snapshot the serving tower looks users up in; absent, served users get no history.
     """
     import torch
 
@@ -98,6 +110,14 @@ def export_bundle(
         )
     if user_features.shape != (cfg.n_users, 3):
         raise ValueError(f"user_features must be [{cfg.n_users}, 3], got {list(user_features.shape)}")
+    if user_history is None:
+        user_history = np.zeros((cfg.n_users, cfg.history_length), dtype=np.int64)
+    user_history = np.asarray(user_history, dtype=np.int64)
+    if user_history.shape != (cfg.n_users, cfg.history_length):
+        raise ValueError(f"user_history must be [{cfg.n_users}, {cfg.history_length}], "
+                         f"got {list(user_history.shape)}")
+    if user_history.size and (user_history.min() < 0 or user_history.max() > cfg.n_items):
+        raise ValueError(f"user_history holds item indices outside 0..{cfg.n_items}")
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +130,10 @@ def export_bundle(
         scripted = torch.jit.script(model.user_tower)
         _verify_scripted(scripted, model, cfg, user_features)
         scripted.save(str(tmp / USER_TOWER_FILE))
+        serving = build_serving_tower(scripted, user_ids, user_features, user_history)
+        _verify_serving(serving, scripted, user_ids, user_features, user_history)
+        serving.save(str(tmp / SERVING_TOWER_FILE))
+        np.save(tmp / USER_HISTORY_FILE, np.ascontiguousarray(user_history))
         np.save(tmp / ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(item_emb))
         np.save(tmp / ITEM_IDS_FILE, item_ids)
         np.save(tmp / USER_IDS_FILE, user_ids)
@@ -126,6 +150,12 @@ def export_bundle(
                 {"name": "user_feats", "dtype": "int64", "shape": [-1, 3]},
             ],
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
+            "serving": {
+                "file": SERVING_TOWER_FILE,
+                "inputs": [{"name": "user_id", "dtype": "int64", "shape": [-1, 1]}],
+                "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
+                "history": "snapshot as of the end of the training window (user_history.npy)",
+            },
             "user_feature_columns": ["gender_idx", "age_idx", "occupation_idx"],
             "feature_vocab_sizes": {
                 "gender_idx": cfg.n_genders,
@@ -153,6 +183,64 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def build_serving_tower(
+    user_tower: Any, user_ids: np.ndarray, user_features: np.ndarray, user_history: np.ndarray
+) -> Any:
+    """Script a module mapping raw user ids to embeddings: lookup tables + the user tower.
+
+    Unknown ids map to index 0 (no id embedding, unknown features, empty history), the same
+    convention as :meth:`ModelBundle.prepare_inputs`.
+    """
+    import torch
+
+    class ServingTower(torch.nn.Module):
+        def __init__(self, tower: Any, sorted_ids: Any, order: Any, features: Any, history: Any) -> None:
+            super().__init__()
+            self.tower = tower
+            self.register_buffer("sorted_ids", sorted_ids)
+            self.register_buffer("order", order)
+            self.register_buffer("features", features)
+            self.register_buffer("history", history)
+
+        def forward(self, user_id: torch.Tensor) -> torch.Tensor:
+            ids = user_id.reshape(-1).to(torch.int64)
+            n = self.sorted_ids.numel()
+            pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=n - 1)
+            found = self.sorted_ids[pos] == ids
+            idx = torch.where(found, self.order[pos] + 1, torch.zeros_like(ids))
+            return self.tower(idx, self.history[idx], self.features[idx])
+
+    order = np.argsort(user_ids, kind="stable")
+    pad = np.zeros((1, user_history.shape[1]), dtype=np.int64)
+    module = ServingTower(
+        user_tower,
+        torch.from_numpy(np.ascontiguousarray(user_ids[order])),
+        torch.from_numpy(order.astype(np.int64)),
+        torch.from_numpy(np.vstack([np.zeros((1, 3), np.int64), user_features])),
+        torch.from_numpy(np.vstack([pad, user_history])),
+    ).eval()
+    return torch.jit.script(module)
+
+
+def _verify_serving(serving: Any, tower: Any, user_ids: np.ndarray, user_features: np.ndarray,
+                    user_history: np.ndarray) -> None:
+    """The serving tower must equal the user tower fed the same lookups (and map unknowns to 0)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = rng.choice(user_ids.size, size=min(64, user_ids.size), replace=False)
+    unknown = np.setdiff1d(np.array([-1, 0, int(user_ids.max()) + 1], dtype=np.int64), user_ids)
+    ids = np.r_[user_ids[rows], unknown].astype(np.int64)
+    idx = np.r_[rows + 1, np.zeros(unknown.size, dtype=np.int64)]
+    feats = np.vstack([np.zeros((1, 3), np.int64), user_features])[idx]
+    hist = np.vstack([np.zeros((1, user_history.shape[1]), np.int64), user_history])[idx]
+    with torch.no_grad():
+        want = tower(torch.from_numpy(idx), torch.from_numpy(hist), torch.from_numpy(feats))
+        got = serving(torch.from_numpy(ids).reshape(-1, 1))
+    if not torch.allclose(want, got, atol=1e-6):
+        raise RuntimeError("serving tower disagrees with the user tower on the same lookups")
 
 
 def _verify_scripted(scripted: Any, model: TwoTowerModel, cfg: Any, user_features: np.ndarray) -> None:
@@ -262,6 +350,11 @@ class ModelBundle:
             raise ValueError(f"model bundle {path}: cannot load {USER_TOWER_FILE}: {exc}") from exc
         tower.eval()
         return cls(path, meta, tower, item_ids, item_emb, user_ids, user_features)
+
+    @property
+    def serving_tower_path(self) -> Path:
+        """The file a model server loads: raw user id -> embedding."""
+        return self.path / SERVING_TOWER_FILE
 
     @property
     def n_items(self) -> int:

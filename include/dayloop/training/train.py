@@ -304,6 +304,32 @@ def _prepare(fs: FeatureSet, params: TrainParams, history_length: int) -> dict[s
     }
 
 
+def serving_histories(
+    train_df: Any, user_vocab: np.ndarray, item_vocab: np.ndarray, history_length: int
+) -> np.ndarray:
+    """[n_users, L] model item indices: each vocab user's history at the end of the window.
+
+    Both vocabularies are sorted (as :func:`_prepare` builds them).
+
+    What the serving tower looks a user up in. A user with no training event, or items
+    outside the vocabulary, get 0 (padding), as at training time.
+    """
+    from dayloop.training.evaluate import window_histories
+
+    out = np.zeros((user_vocab.size, history_length), dtype=np.int64)
+    users, hists = window_histories(train_df, history_length)
+    if users.size == 0:
+        return out
+    rows = _index_of(user_vocab, users)
+    for row, hist in zip(rows, hists, strict=True):
+        if row == 0 or hist.size == 0:
+            continue
+        # unknown items become 0 in place, exactly as ModelBundle.prepare_inputs does
+        idx = _index_of(item_vocab, hist[:history_length])
+        out[row - 1, : idx.size] = idx
+    return out
+
+
 def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> TrainResult:
     """Train on ``features_dir`` and export the bundle to ``out_dir / 'bundle'``.
 
@@ -441,6 +467,7 @@ def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> T
         item_ids=data["item_vocab"],
         out_dir=out_dir / "bundle",
         extra_meta=extra_meta,
+        user_history=serving_histories(fs["train"], data["user_vocab"], data["item_vocab"], history_length),
     )
     report = {"metrics": metrics, "history": history, "device": str(device), "params": params.as_dict()}
     tmp = out_dir / f".train_metrics.json.tmp-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,1 @@
+"""The router: Dayloop's public request path (``/recommend``, ``/feedback``)."""

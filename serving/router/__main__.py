@@ -1,0 +1,53 @@
+"""``python -m serving.router --port 8100 --triton-grpc 127.0.0.1:8001 --index-url ... --store-url ...``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from serving.router.app import RouterSettings, create_app
+
+
+def read_token(path: Path | None) -> str:
+    token = os.environ.get("DAYLOOP_ADMIN_TOKEN", "")
+    if path is not None:
+        token = path.read_text().strip()
+    if len(token) < 16:
+        raise SystemExit("router: an admin token of at least 16 characters is required "
+                         "(--token-file or DAYLOOP_ADMIN_TOKEN)")
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Dayloop router replica")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--replica", default=None)
+    ap.add_argument("--triton-grpc", required=True, help="host:port")
+    ap.add_argument("--index-url", required=True)
+    ap.add_argument("--store-url", required=True)
+    ap.add_argument("--token-file", type=Path, default=None)
+    ap.add_argument("--canary-timeout", type=float, default=0.25)
+    ap.add_argument("--stable-timeout", type=float, default=2.0)
+    ap.add_argument("--poll-interval", type=float, default=0.2)
+    ap.add_argument("--enable-fault-injection", action="store_true",
+                    help="expose /admin/faults (tests and demos only)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = RouterSettings(
+        triton_grpc=args.triton_grpc, index_url=args.index_url, store_url=args.store_url,
+        token=read_token(args.token_file), replica=args.replica or f"router-{args.port}",
+        canary_timeout_s=args.canary_timeout, stable_timeout_s=args.stable_timeout,
+        poll_interval_s=args.poll_interval, faults_enabled=args.enable_fault_injection,
+    )
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

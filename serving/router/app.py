@@ -1,0 +1,502 @@
+"""The router: per-user version assignment, paired model+index calls, canary fallback.
+
+Request path (``POST /recommend``): bucket the user under the current route table's salt,
+pick the version, embed the user with that version on Triton and search that version's
+index (a version's embedding is only ever searched in its own index). A non-stable version
+that errors, returns a non-finite value or passes its timeout is answered by the stable
+version; the failure is still counted against it, the user never sees it.
+
+Route table: read from the revisioned store, polled by every replica; admin writes are
+compare-and-swap on the revision and refused when the table names a version whose model or
+index is not loaded, or whose embedding width does not match its index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import math
+import os
+import random
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.route_store import RouteStore, StaleRevision
+from serving.router.metrics import RouterMetrics
+from serving.routing import RouteTable, RouteTableError
+from serving.triton.model_config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+
+log = logging.getLogger("dayloop.router")
+
+MAX_USER_ID = 2**31 - 1
+MAX_ITEM_ID = 2**31 - 1
+
+
+@dataclass
+class RouterSettings:
+    triton_grpc: str                 # host:port of Triton's gRPC endpoint
+    index_url: str                   # http://host:port of the index service
+    store_url: str                   # route store URL (sqlite:///... or postgresql://...)
+    token: str                       # admin bearer token (also keys impression ids)
+    replica: str = "router-0"
+    canary_timeout_s: float = 0.25   # a slower canary answer is replaced by the stable one
+    stable_timeout_s: float = 2.0
+    poll_interval_s: float = 0.2     # route store polling: new revisions apply within ~this
+    max_k: int = 100
+    faults_enabled: bool = False     # the fault-injection admin endpoint exists only if set
+    max_body_bytes: int = 4096       # public endpoints
+    max_admin_body_bytes: int = 65536
+    impression_cache: int = 200_000
+
+
+class AttemptFailed(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Fault:
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    nan_rate: float = 0.0
+
+
+@dataclass
+class RouteState:
+    revision: int
+    table: RouteTable
+    applied_at: float
+
+
+class RecommendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: int = Field(ge=0, le=MAX_USER_ID)
+    k: int = Field(default=10, ge=1)
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    impression_id: str = Field(min_length=8, max_length=200)
+    item_id: int = Field(ge=0, le=MAX_ITEM_ID)
+    event: Literal["click"]
+
+
+class RouteWriteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    expected_revision: int = Field(ge=0)
+    table: dict[str, Any]
+    actor: str = Field(min_length=1, max_length=200)
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class FaultIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=10**9)
+    latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    nan_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over the limit (413) before anything parses them."""
+
+    def __init__(self, app: Any, public_limit: int, admin_limit: int) -> None:
+        self.app, self.public_limit, self.admin_limit = app, public_limit, admin_limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        limit = self.admin_limit if scope["path"].startswith("/admin") else self.public_limit
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    return await _send_json(send, 413, {"detail": f"request body over {limit} bytes"})
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await _send_json(send, 413, {"detail": f"request body over {limit} bytes"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Any, status: int, body: dict) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Router:
+    """State and behaviour of one router replica (the FastAPI app wraps it)."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.s = settings
+        self.metrics = RouterMetrics()
+        self.store = RouteStore(settings.store_url)
+        self.state: RouteState | None = None
+        self.faults: dict[int, Fault] = {}
+        self._rng = random.Random()
+        self._imp_key = hashlib.sha256(b"dayloop-impression:" + settings.token.encode()).digest()
+        self._impressions: OrderedDict[str, tuple[int, frozenset[int]]] = OrderedDict()
+        self._clicked: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._triton: Any = None
+        self._http: Any = None
+        self._poller: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        import httpx
+        import tritonclient.grpc.aio as grpcclient
+
+        self._triton = grpcclient.InferenceServerClient(self.s.triton_grpc)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        self._http = httpx.AsyncClient(base_url=self.s.index_url, limits=limits, timeout=5.0)
+        await self.refresh_routes()
+        self._poller = asyncio.create_task(self._poll_routes())
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        if self._http:
+            await self._http.aclose()
+        if self._triton:
+            await self._triton.close()
+
+    async def refresh_routes(self) -> None:
+        latest = await asyncio.to_thread(self.store.latest_revision)
+        if latest and (self.state is None or latest != self.state.revision):
+            rev = await asyncio.to_thread(self.store.current)
+            if rev is not None:
+                self._apply(rev.revision, rev.table)
+
+    def _apply(self, revision: int, table: RouteTable) -> None:
+        if self.state is not None and revision <= self.state.revision:
+            return
+        old = self.state.table.versions if self.state else set()
+        self.state = RouteState(revision, table, time.time())
+        self.metrics.revision.set(revision)
+        shares = table.shares()
+        for v in old | set(shares):
+            self.metrics.share.labels(str(v)).set(shares.get(v, 0.0))
+        log.info("%s applied route revision %d: %s", self.s.replica, revision, table.as_dict())
+
+    async def _poll_routes(self) -> None:
+        while True:
+            try:
+                await self.refresh_routes()
+            except Exception:  # noqa: BLE001 - keep serving the last table if the store hiccups
+                log.exception("route store poll failed; keeping revision %s",
+                              self.state.revision if self.state else None)
+            await asyncio.sleep(self.s.poll_interval_s)
+
+    # ------------------------------------------------------------------ request path
+    async def _embed(self, version: int, user_id: int, timeout: float) -> np.ndarray:
+        import tritonclient.grpc.aio as grpcclient
+
+        inp = grpcclient.InferInput(INPUT_NAME, [1, 1], "INT64")
+        inp.set_data_from_numpy(np.array([[user_id]], dtype=np.int64))
+        result = await self._triton.infer(MODEL_NAME, [inp], model_version=str(version),
+                                          client_timeout=timeout)
+        return result.as_numpy(OUTPUT_NAME)[0]
+
+    async def _search(self, version: int, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        resp = await self._http.post("/search", json={"version": version, "vectors": [vector.tolist()], "k": k})
+        if resp.status_code != 200:
+            raise AttemptFailed("index_error", f"index service answered {resp.status_code}: {resp.text[:200]}")
+        body = resp.json()
+        return body["ids"][0], body["scores"][0]
+
+    async def _attempt_inner(self, version: int, user_id: int, k: int, timeout: float) -> tuple[list[int], list[float]]:
+        fault = self.faults.get(version)
+        if fault is not None:
+            if fault.latency_ms:
+                await asyncio.sleep(fault.latency_ms / 1000.0)
+            if fault.error_rate and self._rng.random() < fault.error_rate:
+                raise AttemptFailed("injected_error", "fault injection")
+        try:
+            vector = await self._embed(version, user_id, timeout)
+        except AttemptFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any Triton/transport failure is a failed attempt
+            raise AttemptFailed("model_error", str(exc)[:200]) from exc
+        if fault is not None and fault.nan_rate and self._rng.random() < fault.nan_rate:
+            vector = np.full_like(vector, np.nan)
+        if not np.isfinite(vector).all():
+            raise AttemptFailed("nonfinite", "embedding holds NaN/Inf")
+        try:
+            ids, scores = await self._search(version, vector, k)
+        except AttemptFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise AttemptFailed("index_error", str(exc)[:200]) from exc
+        if not all(math.isfinite(s) for s in scores):
+            raise AttemptFailed("nonfinite", "scores hold NaN/Inf")
+        return ids, scores
+
+    async def attempt(self, version: int, user_id: int, k: int, timeout: float,
+                      record: bool = True) -> tuple[list[int], list[float]]:
+        """One version's answer within ``timeout``; failures recorded against ``version``."""
+        label = str(version)
+        t0 = time.perf_counter()
+        if record:
+            self.metrics.requests.labels(label).inc()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._attempt_inner(version, user_id, k, timeout)
+        except TimeoutError as exc:
+            failure = AttemptFailed("timeout", f"no answer within {timeout:.3f}s")
+            if record:
+                self.metrics.errors.labels(label, "timeout").inc()
+            raise failure from exc
+        except AttemptFailed as exc:
+            if record:
+                self.metrics.errors.labels(label, exc.reason).inc()
+                if exc.reason == "nonfinite":
+                    self.metrics.nonfinite.labels(label).inc()
+            raise
+        finally:
+            if record:
+                self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+    async def recommend(self, user_id: int, k: int) -> dict[str, Any]:
+        state = self.state
+        if state is None:
+            raise HTTPException(503, "no route table has been written yet")
+        table = state.table
+        version = table.version_for(user_id)
+        t0 = time.perf_counter()
+        timeout = self.s.stable_timeout_s if version == table.stable else self.s.canary_timeout_s
+        try:
+            ids, scores = await self.attempt(version, user_id, k, timeout)
+            served = version
+        except AttemptFailed as exc:
+            if version == table.stable:
+                self.metrics.unanswered.labels(str(version)).inc()
+                raise HTTPException(503, f"version {version} could not answer: {exc}") from exc
+            self.metrics.fallbacks.labels(str(version)).inc()
+            try:
+                # the fallback is not a control-group request: it is not recorded as one
+                ids, scores = await self.attempt(table.stable, user_id, k, self.s.stable_timeout_s,
+                                                 record=False)
+            except AttemptFailed as exc2:
+                self.metrics.unanswered.labels(str(table.stable)).inc()
+                raise HTTPException(503, f"canary v{version} failed ({exc.reason}) and stable "
+                                         f"v{table.stable} failed ({exc2.reason})") from exc2
+            served = table.stable
+        label = str(served)
+        self.metrics.impressions.labels(label).inc()
+        if scores:
+            self.metrics.score.labels(label).observe(scores[0])
+        self.metrics.e2e.observe(time.perf_counter() - t0)
+        impression = self._new_impression(served, state.revision, ids)
+        return {"user_id": user_id, "items": ids, "scores": scores, "version": served,
+                "impression_id": impression, "revision": state.revision}
+
+    # ------------------------------------------------------------------ impressions / clicks
+    def _sign(self, body: str) -> str:
+        mac = hmac.new(self._imp_key, body.encode(), hashlib.sha256).digest()[:9]
+        return base64.urlsafe_b64encode(mac).decode()
+
+    def _new_impression(self, version: int, revision: int, items: list[int]) -> str:
+        body = f"{version}.{revision}.{os.urandom(9).hex()}"
+        imp = f"{body}.{self._sign(body)}"
+        self._impressions[imp] = (version, frozenset(items))
+        if len(self._impressions) > self.s.impression_cache:
+            self._impressions.popitem(last=False)
+        return imp
+
+    def feedback(self, impression_id: str, item_id: int) -> dict[str, Any]:
+        parts = impression_id.split(".")
+        if len(parts) != 4 or not parts[0].isdigit():
+            raise HTTPException(400, "malformed impression_id")
+        body = ".".join(parts[:3])
+        if not hmac.compare_digest(self._sign(body), parts[3]):
+            raise HTTPException(400, "impression_id was not issued by this service")
+        version = int(parts[0])
+        local = self._impressions.get(impression_id)
+        if local is not None and item_id not in local[1]:
+            raise HTTPException(400, f"item {item_id} was not in impression {impression_id}")
+        key = (impression_id, item_id)
+        if key in self._clicked:
+            return {"recorded": False, "version": version, "detail": "duplicate click"}
+        self._clicked[key] = None
+        if len(self._clicked) > self.s.impression_cache:
+            self._clicked.popitem(last=False)
+        self.metrics.clicks.labels(str(version)).inc()
+        return {"recorded": True, "version": version}
+
+    # ------------------------------------------------------------------ admin
+    async def pairing_problems(self, table: RouteTable) -> list[str]:
+        """Why each version in ``table`` cannot serve (model or index missing, widths differ)."""
+        problems: list[str] = []
+        for v in sorted(table.versions):
+            try:
+                ready = await self._triton.is_model_ready(MODEL_NAME, str(v))
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"v{v}: Triton unreachable ({str(exc)[:100]})")
+                continue
+            if not ready:
+                problems.append(f"v{v}: model not loaded in Triton")
+                continue
+            try:
+                resp = await self._http.get(f"/indexes/{v}")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"v{v}: index service unreachable ({str(exc)[:100]})")
+                continue
+            if resp.status_code == 404:
+                problems.append(f"v{v}: index not loaded in the index service")
+                continue
+            if resp.status_code != 200:
+                problems.append(f"v{v}: index service answered {resp.status_code}")
+                continue
+            index_dim = resp.json().get("dim")
+            try:
+                width = int((await self._embed(v, 0, self.s.stable_timeout_s)).shape[0])
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"v{v}: model does not answer ({str(exc)[:100]})")
+                continue
+            if index_dim != width:
+                problems.append(f"v{v}: model embeds {width}-d vectors but its index is {index_dim}-d")
+        return problems
+
+    async def write_routes(self, body: RouteWriteIn) -> dict[str, Any]:
+        try:
+            table = RouteTable.from_dict(body.table)
+        except RouteTableError as exc:
+            raise HTTPException(422, f"invalid route table: {exc}") from exc
+        problems = await self.pairing_problems(table)
+        if problems:
+            raise HTTPException(409, "route table refused, versions not servable: " + "; ".join(problems))
+        try:
+            rev = await asyncio.to_thread(self.store.write, table, body.expected_revision, body.actor, body.reason)
+        except StaleRevision as exc:
+            raise HTTPException(409, {"message": str(exc), "current_revision": exc.current}) from exc
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        self._apply(rev.revision, rev.table)
+        return rev.as_dict()
+
+
+def create_app(settings: RouterSettings) -> FastAPI:
+    router = Router(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="Dayloop router", lifespan=lifespan)
+    app.state.router = router
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        router.metrics.bad_requests.labels(request.url.path).inc()
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    admin = [Depends(require_token)]
+
+    @app.post("/recommend")
+    async def recommend(body: RecommendIn) -> dict[str, Any]:
+        if body.k > settings.max_k:
+            router.metrics.bad_requests.labels("/recommend").inc()
+            raise HTTPException(422, f"k must be at most {settings.max_k}")
+        return await router.recommend(body.user_id, body.k)
+
+    @app.post("/feedback")
+    async def feedback(body: FeedbackIn) -> dict[str, Any]:
+        return router.feedback(body.impression_id, body.item_id)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        st = router.state
+        return {"status": "ok" if st else "no_routes", "replica": settings.replica,
+                "revision": st.revision if st else 0, "applied_at": st.applied_at if st else None}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/routes", dependencies=admin)
+    async def get_routes() -> dict[str, Any]:
+        rev = await asyncio.to_thread(router.store.current)
+        if rev is None:
+            return {"revision": 0, "table": None, "applied_revision": 0}
+        out = rev.as_dict()
+        out["applied_revision"] = router.state.revision if router.state else 0
+        return out
+
+    @app.put("/admin/routes", dependencies=admin)
+    async def put_routes(body: RouteWriteIn) -> dict[str, Any]:
+        return await router.write_routes(body)
+
+    @app.get("/admin/routes/history", dependencies=admin)
+    async def history(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        revs = await asyncio.to_thread(router.store.history, limit)
+        return {"revisions": [r.as_dict() for r in revs]}
+
+    @app.get("/admin/faults", dependencies=admin)
+    async def get_faults() -> dict[str, Any]:
+        if not settings.faults_enabled:
+            raise HTTPException(404, "fault injection is disabled by configuration")
+        return {"faults": {str(v): f.__dict__ for v, f in router.faults.items()}}
+
+    @app.put("/admin/faults", dependencies=admin)
+    async def put_fault(body: FaultIn) -> dict[str, Any]:
+        if not settings.faults_enabled:
+            raise HTTPException(404, "fault injection is disabled by configuration")
+        router.faults[body.version] = Fault(body.latency_ms, body.error_rate, body.nan_rate)
+        log.warning("%s: fault injected on v%d: %s", settings.replica, body.version, router.faults[body.version])
+        return {"version": body.version, **router.faults[body.version].__dict__}
+
+    @app.delete("/admin/faults", dependencies=admin)
+    async def clear_faults() -> dict[str, Any]:
+        if not settings.faults_enabled:
+            raise HTTPException(404, "fault injection is disabled by configuration")
+        cleared = sorted(router.faults)
+        router.faults.clear()
+        return {"cleared": cleared}
+
+    return _BodyLimit(app, settings.max_body_bytes, settings.max_admin_body_bytes)  # type: ignore[return-value]

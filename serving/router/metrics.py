@@ -1,0 +1,42 @@
+"""The router's Prometheus metrics, all labelled by model version (one registry per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+SCORE_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("dayloop_router_requests", "Requests sent to a version (canary attempts "
+                                "included, fallback answers excluded)", ["version"], registry=r)
+        self.errors = Counter("dayloop_router_errors", "Failed attempts on a version, by reason",
+                              ["version", "reason"], registry=r)
+        self.latency = Histogram("dayloop_router_request_seconds", "Time of an attempt on a version "
+                                 "(model + index), failed and timed-out ones included", ["version"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.nonfinite = Counter("dayloop_router_nonfinite", "Attempts whose embedding or scores held "
+                                 "NaN or Inf", ["version"], registry=r)
+        self.score = Histogram("dayloop_router_score", "Top-1 score of each list served", ["version"],
+                               buckets=SCORE_BUCKETS, registry=r)
+        self.impressions = Counter("dayloop_router_impressions", "Lists served, by the version that "
+                                   "served them", ["version"], registry=r)
+        self.clicks = Counter("dayloop_router_clicks", "Clicks, by the version whose list was clicked",
+                              ["version"], registry=r)
+        self.fallbacks = Counter("dayloop_router_fallbacks", "Attempts on a version answered by the "
+                                 "stable version instead", ["version"], registry=r)
+        self.unanswered = Counter("dayloop_router_unanswered", "Requests no version could answer (5xx "
+                                  "to the user)", ["version"], registry=r)
+        self.e2e = Histogram("dayloop_router_response_seconds", "End-to-end /recommend time as the user "
+                             "sees it", buckets=LATENCY_BUCKETS, registry=r)
+        self.revision = Gauge("dayloop_router_route_revision", "Route table revision this replica "
+                              "applies", registry=r)
+        self.share = Gauge("dayloop_router_route_share", "Share of buckets routed to a version",
+                           ["version"], registry=r)
+        self.bad_requests = Counter("dayloop_router_bad_requests", "Requests refused with a 4xx",
+                                    ["endpoint"], registry=r)

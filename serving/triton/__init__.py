@@ -1,0 +1,1 @@
+"""Triton Inference Server: model repository layout, config generation and the server launcher."""

@@ -1,0 +1,125 @@
+"""Helpers for tests that run the data plane: small real bundles and indexes, free ports,
+service processes started in their own session and stopped by their process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serving_python() -> Path:
+    """The serving venv's interpreter (DAYLOOP_SERVING_VENV or <repo>/.venv-serving)."""
+    venv = Path(os.environ.get("DAYLOOP_SERVING_VENV", ROOT / ".venv-serving"))
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        raise RuntimeError(f"serving venv missing at {venv}: run `make setup`")
+    return py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_bundle(out_dir: Path, seed: int = 0, n_users: int = 200, n_items: int = 300,
+                dim: int = 16, history_length: int = 5) -> Path:
+    """Export a randomly initialised (untrained) two-tower bundle: real TorchScript, real files."""
+    import torch
+
+    from dayloop.training.bundle import export_bundle
+    from dayloop.training.model import TowerConfig, TwoTowerModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cfg = TowerConfig(n_users=n_users, n_items=n_items, n_genders=3, n_ages=8, n_occupations=22,
+                      n_genres=19, n_years=10, max_genres=3, history_length=history_length,
+                      embedding_dim=dim, feature_dim=8, hidden_dim=32, dropout=0.0)
+    genres = torch.from_numpy(rng.integers(0, cfg.n_genres, size=(n_items + 1, 3)))
+    years = torch.from_numpy(rng.integers(0, cfg.n_years, size=(n_items + 1,)))
+    model = TwoTowerModel(cfg, genres, years).eval()
+    user_ids = np.arange(1, n_users + 1, dtype=np.int64) * 7
+    item_ids = np.arange(1, n_items + 1, dtype=np.int64) + 1000
+    feats = np.stack([rng.integers(1, 3, n_users), rng.integers(1, 8, n_users),
+                      rng.integers(1, 22, n_users)], axis=1).astype(np.int64)
+    hist = rng.integers(0, n_items + 1, size=(n_users, history_length)).astype(np.int64)
+    return export_bundle(model, user_ids, feats, item_ids, Path(out_dir), user_history=hist)
+
+
+def make_index(bundle_dir: Path, out_dir: Path) -> Path:
+    """Exact FAISS index (index.faiss + index_meta.json) of a bundle's item embeddings."""
+    from dayloop.index.faiss_index import IndexSpec, build_and_check
+
+    emb = np.load(Path(bundle_dir) / "item_embeddings.npy")
+    ids = np.load(Path(bundle_dir) / "item_ids.npy")
+    build_and_check(emb, ids, Path(out_dir), spec=IndexSpec(kind="flat"), k=10)
+    return Path(out_dir)
+
+
+class Service:
+    """A process in its own session, logged to a file, stopped by its process group."""
+
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.name = name
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def wait_http(self, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status < 500:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready at {url} after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        else:
+            # the leader is gone; its group may still hold children (Triton's backend stubs)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def read_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
