@@ -1,0 +1,499 @@
+"""Benchmark the serving path: /recommend end to end against its own parts.
+
+Starts a real data plane (Triton, the index service, two router replicas) on free loopback
+ports in a temporary home, loads one MovieLens-1M-sized version (6,040 users, 3,706 items,
+64-d, exact index) and routes every user to it. Then it measures, for k=10:
+
+* in-process floor: the same TorchScript and FAISS index called in this process, one user
+  at a time, one thread each;
+* direct: Triton (gRPC) then the index service (``POST /search``), no router;
+* end to end: ``POST /recommend`` through the routers (round-robin over both replicas),
+  sequentially, at a fixed open-loop rate and at saturation (closed loop, C workers);
+* route propagation: the time from a route-table write until every replica serves it.
+
+It prints p50/p99 latency and throughput per path, the router's own overhead (end to end
+minus direct) and the ratios. No asserts: it reports.
+
+    .venv/bin/python benchmarks/bench_serving.py           # ~3 min
+    .venv/bin/python benchmarks/bench_serving.py --quick   # ~1 min, noisier
+
+The client runs on the same machine as the servers and competes with them for its cores,
+so saturation figures are those of the whole machine, not of the servers alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+K = 10
+VERSION = 1
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+class Stats:
+    """Latencies (seconds) of one measured run, its wall time and its failures."""
+
+    def __init__(self, name: str, latencies: list[float], elapsed: float, failures: int = 0,
+                 note: str = "") -> None:
+        self.name = name
+        self.lat = np.asarray(latencies, dtype=np.float64)
+        self.elapsed = elapsed
+        self.failures = failures
+        self.note = note
+
+    @property
+    def n(self) -> int:
+        return len(self.lat)
+
+    def pct_ms(self, q: float) -> float:
+        return float(np.percentile(self.lat, q) * 1000) if self.n else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return self.pct_ms(50)
+
+    @property
+    def p99(self) -> float:
+        return self.pct_ms(99)
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed if self.elapsed > 0 else float("nan")
+
+    def line(self) -> str:
+        fail = f", {self.failures} failed" if self.failures else ""
+        return (f"{self.name}: n={self.n}, p50 {self.p50:.2f} ms, p99 {self.p99:.2f} ms, "
+                f"{self.rate:,.0f} req/s{fail}{(' ' + self.note) if self.note else ''}")
+
+
+# ---------------------------------------------------------------------------- in process
+def bench_in_process(bundle: Path, index_dir: Path, users: np.ndarray, n: int) -> Stats:
+    """TorchScript embed + FAISS search in this process, one user at a time, one thread."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    model = torch.jit.load(str(bundle / "serving_tower.pt"), map_location="cpu").eval()
+    index = faiss.read_index(str(index_dir / "index.faiss"))
+
+    def one(uid: int) -> None:
+        with torch.inference_mode():
+            vec = model(torch.tensor([[uid]], dtype=torch.int64)).numpy().astype(np.float32, copy=False)
+        index.search(vec, K)
+
+    for uid in users[:50]:
+        one(int(uid))
+    lat = []
+    start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        one(int(users[i % len(users)]))
+        lat.append(time.perf_counter() - t0)
+    return Stats("in-process (sequential, 1 thread)", lat, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- direct
+class DirectPath:
+    """Triton gRPC embed then index-service search, synchronous, with its own connections."""
+
+    def __init__(self, triton_grpc: str, index_url: str) -> None:
+        import httpx
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.triton = grpcclient.InferenceServerClient(triton_grpc)
+        self.http = httpx.Client(base_url=index_url, timeout=10.0)
+
+    def recommend(self, uid: int) -> list[int]:
+        inp = self._grpc.InferInput("USER_ID__0", [1, 1], "INT64")
+        inp.set_data_from_numpy(np.array([[uid]], dtype=np.int64))
+        out = self.triton.infer("user_tower", [inp], model_version=str(VERSION))
+        vec = out.as_numpy("EMBEDDING__0")[0]
+        resp = self.http.post("/search", json={"version": VERSION, "vectors": [vec.tolist()], "k": K})
+        resp.raise_for_status()
+        return resp.json()["ids"][0]
+
+    def close(self) -> None:
+        self.http.close()
+        self.triton.close()
+
+
+def bench_direct_sequential(ep: dict, users: np.ndarray, n: int) -> Stats:
+    path = DirectPath(ep["triton_grpc"], ep["index_url"])
+    try:
+        for uid in users[:50]:
+            path.recommend(int(uid))
+        lat = []
+        start = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            path.recommend(int(users[i % len(users)]))
+            lat.append(time.perf_counter() - t0)
+        return Stats("direct (sequential)", lat, time.perf_counter() - start)
+    finally:
+        path.close()
+
+
+def bench_direct_saturation(ep: dict, users: np.ndarray, threads: int, seconds: float) -> Stats:
+    """Closed loop: ``threads`` client threads, each with its own gRPC and HTTP connections."""
+    paths = [DirectPath(ep["triton_grpc"], ep["index_url"]) for _ in range(threads)]
+    lats: list[list[float]] = [[] for _ in range(threads)]
+    fails = [0] * threads
+    go = threading.Event()
+    stop_at = [0.0]
+
+    def worker(w: int) -> None:
+        rng = random.Random(w)
+        path = paths[w]
+        path.recommend(int(users[w]))  # connect before the clock starts
+        go.wait()
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at[0]:
+                return
+            try:
+                path.recommend(int(users[rng.randrange(len(users))]))
+                lats[w].append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                fails[w] += 1
+
+    ts = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(threads)]
+    for t in ts:
+        t.start()
+    time.sleep(0.5)
+    start = time.perf_counter()
+    stop_at[0] = start + seconds
+    go.set()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - start
+    for p in paths:
+        p.close()
+    return Stats(f"direct (saturation, {threads} threads)", [x for ls in lats for x in ls], elapsed, sum(fails))
+
+
+# ---------------------------------------------------------------------------- end to end
+def bench_e2e_sequential(urls: list[str], users: np.ndarray, n: int) -> Stats:
+    import httpx
+
+    with httpx.Client(timeout=10.0) as c:
+        for i, uid in enumerate(users[:50]):
+            c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(uid), "k": K}).raise_for_status()
+        lat, fails = [], 0
+        start = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(users[i % len(users)]), "k": K})
+            if r.status_code == 200:
+                lat.append(time.perf_counter() - t0)
+            else:
+                fails += 1
+        return Stats("e2e /recommend (sequential)", lat, time.perf_counter() - start, fails)
+
+
+async def _open_loop(urls: list[str], users: np.ndarray, rate: float, seconds: float) -> tuple[Stats, int]:
+    """Sends at fixed times t0 + i/rate whatever the answers do; latency counts from the
+    intended send time, so a client or server falling behind shows in it (no coordinated
+    omission). Returns the stats and how many sends started more than 5 ms late."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+    total = int(rate * seconds)
+    lat: list[float] = []
+    fails = [0]
+    late = [0]
+    rng = random.Random(1)
+    async with httpx.AsyncClient(timeout=10.0, limits=limits) as c:
+        for i in range(20):  # open connections to both replicas first
+            await c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(users[i]), "k": K})
+
+        async def one(i: int, due: float) -> None:
+            now = time.perf_counter()
+            if now - due > 0.005:
+                late[0] += 1
+            try:
+                r = await c.post(urls[i % len(urls)] + "/recommend",
+                                 json={"user_id": int(users[rng.randrange(len(users))]), "k": K})
+                if r.status_code == 200:
+                    lat.append(time.perf_counter() - due)
+                else:
+                    fails[0] += 1
+            except Exception:  # noqa: BLE001
+                fails[0] += 1
+
+        tasks = []
+        start = time.perf_counter()
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    name = f"e2e /recommend (open loop, {rate:g} req/s target)"
+    return Stats(name, lat, elapsed, fails[0]), late[0]
+
+
+async def _closed_loop(urls: list[str], users: np.ndarray, workers: int, seconds: float) -> Stats:
+    import httpx
+
+    limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
+    lat: list[float] = []
+    fails = [0]
+    async with httpx.AsyncClient(timeout=10.0, limits=limits) as c:
+        for i in range(2 * workers):
+            await c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(users[i]), "k": K})
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            rng = random.Random(100 + w)
+            i = w
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(urls[i % len(urls)] + "/recommend",
+                                     json={"user_id": int(users[rng.randrange(len(users))]), "k": K})
+                    if r.status_code == 200:
+                        lat.append(time.perf_counter() - t0)
+                    else:
+                        fails[0] += 1
+                except Exception:  # noqa: BLE001
+                    fails[0] += 1
+                i += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(workers)))
+        elapsed = time.perf_counter() - start
+    return Stats(f"e2e /recommend (saturation, {workers} workers)", lat, elapsed, fails[0])
+
+
+# ---------------------------------------------------------------------------- breakdown
+_SERIES = {
+    "router_response": ("dayloop_router_response_seconds", 1.0),
+    "router_attempt": ("dayloop_router_request_seconds", 1.0),
+    "index_search": ("dayloop_index_search_seconds", 1.0),
+    "triton_request": ("nv_inference_request_duration_us", 1e-6),
+    "triton_queue": ("nv_inference_queue_duration_us", 1e-6),
+    "triton_compute": ("nv_inference_compute_infer_duration_us", 1e-6),
+    "triton_count": ("nv_inference_request_success", 1.0),
+}
+
+
+def scrape(ep: dict) -> dict[str, float]:
+    """Cumulative sums (seconds) and counts of the latency series of every service."""
+    import httpx
+
+    urls = [u + "/metrics" for u in ep["router_urls"]] + [ep["index_url"] + "/metrics", ep["triton_metrics"]]
+    out: dict[str, float] = {}
+    with httpx.Client(timeout=5.0) as c:
+        for url in urls:
+            for line in c.get(url).text.splitlines():
+                if line.startswith("#"):
+                    continue
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                value = float(line.rsplit(" ", 1)[1])
+                for key, (series, scale) in _SERIES.items():
+                    if name in (series, series + "_sum", series + "_total"):
+                        out[key + "_sum"] = out.get(key + "_sum", 0.0) + value * scale
+                    elif name == series + "_count":
+                        out[key + "_count"] = out.get(key + "_count", 0.0) + value
+    return out
+
+
+def mean_breakdown(before: dict[str, float], after: dict[str, float], client: Stats) -> list[tuple[str, float]]:
+    """Per-request means (ms) between two scrapes, outermost first."""
+    def d(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def mean(key: str, count_key: str | None = None) -> float:
+        n = d(count_key or key + "_count")
+        return d(key + "_sum") / n * 1000 if n else float("nan")
+
+    return [
+        ("client: POST /recommend round trip", float(client.lat.mean() * 1000)),
+        ("router: /recommend handler (route, attempt, impression)", mean("router_response")),
+        ("router: attempt (Triton gRPC + index HTTP, as awaited)", mean("router_attempt")),
+        ("Triton: request (queue + Python-backend compute)", mean("triton_request", "triton_count_sum")),
+        ("Triton:   of which queue (dynamic batcher)", mean("triton_queue", "triton_count_sum")),
+        ("Triton:   of which compute (stub + TorchScript)", mean("triton_compute", "triton_count_sum")),
+        ("index service: /search (parse, search, encode)", mean("index_search")),
+    ]
+
+
+# ---------------------------------------------------------------------------- routes
+def bench_propagation(dp, urls: list[str], trials: int) -> tuple[list[float], list[float], list[float]]:
+    """Write a new revision ``trials`` times; for each, seconds from the start of the write
+    until every replica's /health shows it, how long the write call took, and the time
+    from the write's acknowledgement to the last replica."""
+    import httpx
+
+    from serving.routing import single_version_table
+
+    to_all, write_s, after_ack = [], [], []
+    rev = int(dp.router.routes()["revision"])
+    rng = random.Random(7)
+    with httpx.Client(timeout=5.0) as c:
+        for i in range(trials):
+            # a random pause so the writes land at different points of the replicas' poll cycle
+            time.sleep(rng.uniform(0.05, 0.35))
+            t0 = time.perf_counter()
+            out = dp.router.write_routes(single_version_table(VERSION, salt=f"s{i % 2}"), rev, "bench", f"trial {i}")
+            t_ack = time.perf_counter()
+            rev = int(out["revision"])
+            pending = set(urls)
+            while pending:
+                for u in list(pending):
+                    if int(c.get(u + "/health").json().get("revision", 0)) >= rev:
+                        pending.discard(u)
+                if time.perf_counter() - t0 > 10:
+                    raise TimeoutError(f"revision {rev} not applied everywhere after 10 s: {pending}")
+            t_all = time.perf_counter()
+            to_all.append(t_all - t0)
+            write_s.append(t_ack - t0)
+            after_ack.append(t_all - t_ack)
+    return to_all, write_s, after_ack
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (~1 min): noisier figures")
+    parser.add_argument("--rate", type=float, default=50.0, help="open-loop rate, req/s")
+    parser.add_argument("--concurrency", default="8,16", help="closed-loop worker counts, comma list")
+    parser.add_argument("--direct-threads", type=int, default=8, help="client threads for direct saturation")
+    parser.add_argument("--n-users", type=int, default=6040)
+    parser.add_argument("--n-items", type=int, default=3706)
+    parser.add_argument("--dim", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    seq_n = 300 if args.quick else 1000
+    open_s = 8.0 if args.quick else 20.0
+    sat_s = 6.0 if args.quick else 15.0
+    trials = 5 if args.quick else 10
+    concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+
+    import httpx
+
+    from serving.client import DataPlaneClient
+    from serving.launch import DataPlane, PlaneConfig
+    from serving.routing import single_version_table
+    from serving_helpers import free_port, make_bundle, make_index, serving_python
+
+    say(f"bench_serving: {os.cpu_count()} CPU(s); the client and every server share them, so "
+        f"figures are for the whole machine (client included), not the servers alone.")
+    say(f"model: {args.n_users:,} users, {args.n_items:,} items, dim {args.dim}, exact index, k={K}")
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serving_")
+    work = Path(tmp.name)
+    t0 = time.perf_counter()
+    bundle = make_bundle(work / "bundle", seed=0, n_users=args.n_users, n_items=args.n_items,
+                         dim=args.dim, history_length=20)
+    index_dir = make_index(bundle, work / "index")
+    users = np.load(bundle / "user_ids.npy").astype(np.int64)
+    np.random.default_rng(0).shuffle(users)
+    say(f"bundle + index: {time.perf_counter() - t0:.1f}s")
+
+    home = work / "plane"
+    cfg = PlaneConfig(home=home, python=serving_python(), triton_http=free_port(), triton_grpc=free_port(),
+                      triton_metrics=free_port(), index_port=free_port(),
+                      router_ports=(free_port(), free_port()), prometheus_port=free_port())
+    plane = DataPlane(cfg)
+    rows: list[Stats] = []
+    try:
+        t0 = time.perf_counter()
+        plane.start(prometheus=False)
+        dp = DataPlaneClient.from_plane_file(home / "plane.json")
+        meta = json.loads((index_dir / "index_meta.json").read_text())
+        dp.load_version(VERSION, bundle / "serving_tower.pt", str(index_dir), args.dim, meta["fingerprint"])
+        dp.router.write_routes(single_version_table(VERSION), 0, "bench", "bench bootstrap")
+        ep = cfg.endpoints()
+        urls: list[str] = list(ep["router_urls"])  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and min(dp.router.applied_revisions().values()) < 1:
+            time.sleep(0.05)
+        say(f"data plane up, v{VERSION} loaded and routed: {time.perf_counter() - t0:.1f}s")
+        say()
+
+        floor = bench_in_process(bundle, index_dir, users, seq_n * 2)
+        say(floor.line())
+        direct = bench_direct_sequential(ep, users, seq_n)
+        say(direct.line())
+        direct_sat = bench_direct_saturation(ep, users, args.direct_threads, sat_s)
+        say(direct_sat.line())
+        before = scrape(ep)
+        e2e = bench_e2e_sequential(urls, users, seq_n)
+        say(e2e.line())
+        breakdown = mean_breakdown(before, scrape(ep), e2e)
+        open_loop, late = asyncio.run(_open_loop(urls, users, args.rate, open_s))
+        open_loop.note = f"({late} sends >5 ms late; latency from intended send time)"
+        say(open_loop.line())
+        sats = []
+        for c in concurrency:
+            s = asyncio.run(_closed_loop(urls, users, c, sat_s))
+            say(s.line())
+            sats.append(s)
+        rows = [floor, direct, direct_sat, e2e, open_loop, *sats]
+
+        to_all, write_s, after_ack = bench_propagation(dp, urls, trials)
+    finally:
+        t_stop = time.perf_counter()
+        stopped = plane.stop()
+        say(f"stopped {', '.join(stopped)} in {time.perf_counter() - t_stop:.1f}s")
+        tmp.cleanup()
+
+    say()
+    say(f"{'path':<48} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'fail':>5}")
+    for s in rows:
+        say(f"{s.name:<48} {s.p50:>8.2f} {s.p99:>8.2f} {s.rate:>9,.0f} {s.failures:>5}")
+    say()
+    say("sequential, one request at a time:")
+    say(f"  router overhead (e2e - direct):  p50 {e2e.p50 - direct.p50:+.2f} ms, p99 {e2e.p99 - direct.p99:+.2f} ms")
+    say(f"  e2e / direct:                    p50 {e2e.p50 / direct.p50:.2f}x, p99 {e2e.p99 / direct.p99:.2f}x")
+    say(f"  e2e / in-process:                p50 {e2e.p50 / floor.p50:.2f}x, p99 {e2e.p99 / floor.p99:.2f}x")
+    say(f"  direct / in-process:             p50 {direct.p50 / floor.p50:.2f}x, p99 {direct.p99 / floor.p99:.2f}x")
+    say("throughput:")
+    for s in sats:
+        say(f"  {s.name[len('e2e /recommend ('):-1]:<24} e2e / direct saturation {s.rate / direct_sat.rate:.2f}x, "
+            f"e2e / in-process (1 thread) {s.rate / floor.rate:.2f}x")
+    say(f"  direct saturation / in-process (1 thread): {direct_sat.rate / floor.rate:.2f}x")
+    say(f"  open loop achieved {open_loop.rate:.1f} req/s of {args.rate:g} target, "
+        f"{open_loop.failures} failed, {late} late sends")
+    say()
+    say("where a sequential /recommend's time goes (means over that run, from each service's own metrics):")
+    for label, ms in breakdown:
+        say(f"  {label:<58} {ms:>7.2f} ms")
+    say()
+    say(f"route-table propagation ({trials} writes; router polls its store every 0.2 s; requirement <= 1 s):")
+    say(f"  write -> every replica serving: min {min(to_all):.3f} s, median {statistics.median(to_all):.3f} s, "
+        f"max {max(to_all):.3f} s")
+    say(f"  of which the write call itself:  median {statistics.median(write_s):.3f} s "
+        f"(checks the pairing, stores, applies on the replica written to)")
+    say(f"  write acknowledged -> all:       min {min(after_ack):.3f} s, median {statistics.median(after_ack):.3f} s, "
+        f"max {max(after_ack):.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
