@@ -4,11 +4,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup demo test test-unit test-integration test-e2e stack stop status bench clean
+.PHONY: help setup demo test test-unit test-integration test-e2e stack serve stop status bench clean
 
 help:
-	@echo "make demo   - set up, start the embedded stack (Airflow + MLflow), run the daily loop twice"
+	@echo "make demo   - set up, start the stack (Airflow, MLflow, data plane), run the daily loop, serve it"
 	@echo "make test   - set up, run the whole test suite"
+	@echo "make serve  - start the data plane: Triton, index service, 2 routers, Prometheus"
 	@echo "make stop   - stop everything the project started"
 	@echo "make status - show which services run"
 	@echo "make bench  - run the benchmarks (figures printed, no asserts)"
@@ -19,6 +20,7 @@ setup:
 
 demo: setup
 	@bash scripts/stack.sh start
+	@bash scripts/serve.sh start
 	@bash -c 'source scripts/env.sh && python scripts/demo.py'
 
 test: setup
@@ -36,11 +38,16 @@ test-e2e: setup
 stack: setup
 	@bash scripts/stack.sh start
 
+serve: setup
+	@bash scripts/serve.sh start
+
 stop:
+	@bash scripts/serve.sh stop
 	@bash scripts/stack.sh stop
 
 status:
 	@bash scripts/stack.sh status
+	@bash scripts/serve.sh status
 
 bench: setup
 	@bash -c 'source scripts/env.sh && for b in benchmarks/bench_*.py; do echo "== $$b"; python $$b || exit 1; done'

@@ -6,13 +6,16 @@ ports in a temporary home, loads one MovieLens-1M-sized version (6,040 users, 3,
 
 * in-process floor: the same TorchScript and FAISS index called in this process, one user
   at a time, one thread each;
-* direct: Triton (gRPC) then the index service (``POST /search``), no router;
+* direct: Triton (gRPC) then the index service (``POST /search``), no router: with sync
+  clients (sequential and with N client threads at saturation), and sequentially with the
+  router's own asyncio clients (grpc.aio, httpx.AsyncClient) to separate their cost;
 * end to end: ``POST /recommend`` through the routers (round-robin over both replicas),
   sequentially, at a fixed open-loop rate and at saturation (closed loop, C workers);
 * route propagation: the time from a route-table write until every replica serves it.
 
 It prints p50/p99 latency and throughput per path, the router's own overhead (end to end
-minus direct) and the ratios. No asserts: it reports.
+minus direct) and the ratios, and a per-request breakdown of a sequential /recommend from
+each service's own metrics. No asserts: it reports.
 
     .venv/bin/python benchmarks/bench_serving.py           # ~3 min
     .venv/bin/python benchmarks/bench_serving.py --quick   # ~1 min, noisier
@@ -124,35 +127,77 @@ class DirectPath:
         self._grpc = grpcclient
         self.triton = grpcclient.InferenceServerClient(triton_grpc)
         self.http = httpx.Client(base_url=index_url, timeout=10.0)
+        self.legs: list[tuple[float, float]] | None = None  # (Triton, index) seconds when set
 
     def recommend(self, uid: int) -> list[int]:
+        t0 = time.perf_counter()
         inp = self._grpc.InferInput("USER_ID__0", [1, 1], "INT64")
         inp.set_data_from_numpy(np.array([[uid]], dtype=np.int64))
         out = self.triton.infer("user_tower", [inp], model_version=str(VERSION))
         vec = out.as_numpy("EMBEDDING__0")[0]
+        t1 = time.perf_counter()
         resp = self.http.post("/search", json={"version": VERSION, "vectors": [vec.tolist()], "k": K})
         resp.raise_for_status()
-        return resp.json()["ids"][0]
+        ids = resp.json()["ids"][0]
+        if self.legs is not None:
+            self.legs.append((t1 - t0, time.perf_counter() - t1))
+        return ids
 
     def close(self) -> None:
         self.http.close()
         self.triton.close()
 
 
-def bench_direct_sequential(ep: dict, users: np.ndarray, n: int) -> Stats:
+def bench_direct_sequential(ep: dict, users: np.ndarray, n: int) -> tuple[Stats, np.ndarray]:
+    """Sequential direct calls; also returns each call's (Triton, index) leg times."""
     path = DirectPath(ep["triton_grpc"], ep["index_url"])
     try:
         for uid in users[:50]:
             path.recommend(int(uid))
+        path.legs = []
         lat = []
         start = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter()
             path.recommend(int(users[i % len(users)]))
             lat.append(time.perf_counter() - t0)
-        return Stats("direct (sequential)", lat, time.perf_counter() - start)
+        return Stats("direct (sequential)", lat, time.perf_counter() - start), np.asarray(path.legs)
     finally:
         path.close()
+
+
+async def _direct_async_sequential(ep: dict, users: np.ndarray, n: int) -> tuple[Stats, np.ndarray]:
+    """The direct path with the router's own client libraries (grpc.aio, httpx.AsyncClient),
+    sequentially: separates what those libraries cost from what the router adds."""
+    import httpx
+    import tritonclient.grpc.aio as grpcaio
+
+    triton = grpcaio.InferenceServerClient(ep["triton_grpc"])
+    legs: list[tuple[float, float]] = []
+    try:
+        async with httpx.AsyncClient(base_url=ep["index_url"], timeout=10.0) as http:
+            async def one(uid: int) -> None:
+                t0 = time.perf_counter()
+                inp = grpcaio.InferInput("USER_ID__0", [1, 1], "INT64")
+                inp.set_data_from_numpy(np.array([[uid]], dtype=np.int64))
+                out = await triton.infer("user_tower", [inp], model_version=str(VERSION))
+                vec = out.as_numpy("EMBEDDING__0")[0]
+                t1 = time.perf_counter()
+                resp = await http.post("/search", json={"version": VERSION, "vectors": [vec.tolist()], "k": K})
+                resp.raise_for_status()
+                legs.append((t1 - t0, time.perf_counter() - t1))
+
+            for uid in users[:50]:
+                await one(int(uid))
+            legs.clear()
+            start = time.perf_counter()
+            for i in range(n):
+                await one(int(users[i % len(users)]))
+            elapsed = time.perf_counter() - start
+    finally:
+        await triton.close()
+    arr = np.asarray(legs)
+    return Stats("direct, async clients (sequential)", list(arr.sum(axis=1)), elapsed), arr
 
 
 def bench_direct_saturation(ep: dict, users: np.ndarray, threads: int, seconds: float) -> Stats:
@@ -212,34 +257,101 @@ def bench_e2e_sequential(urls: list[str], users: np.ndarray, n: int) -> Stats:
         return Stats("e2e /recommend (sequential)", lat, time.perf_counter() - start, fails)
 
 
-async def _open_loop(urls: list[str], users: np.ndarray, rate: float, seconds: float) -> tuple[Stats, int]:
+class RawHTTP:
+    """A minimal keep-alive HTTP/1.1 JSON poster on asyncio streams, for load generation.
+
+    On a machine whose client shares the servers' cores, every millisecond of client CPU
+    is taken from the servers; httpx.AsyncClient spends a few per request (and more as
+    concurrency grows), this spends a fraction of one. Answers must carry Content-Length
+    (uvicorn's do)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self._all: list[asyncio.StreamWriter] = []
+
+    async def post(self, url: str, payload: dict) -> int:
+        """POST ``payload`` as JSON; returns the status (the body is read and dropped)."""
+        rest = url.split("://", 1)[1]
+        hostport, _, path = rest.partition("/")
+        host, _, port = hostport.partition(":")
+        key = (host, int(port or 80))
+        idle = self._idle.setdefault(key, [])
+        if idle:
+            reader, writer = idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(*key)
+            self._all.append(writer)
+        body = json.dumps(payload).encode()
+        try:
+            writer.write(f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            if "content-length" not in headers:
+                raise RuntimeError("answer without Content-Length")
+            await reader.readexactly(int(headers["content-length"]))
+        except BaseException:
+            writer.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            idle.append((reader, writer))
+        return status
+
+    async def aclose(self) -> None:
+        for w in self._all:
+            w.close()
+
+
+class HttpxPoster:
+    """The same interface over httpx.AsyncClient (what the simulator uses)."""
+
+    def __init__(self) -> None:
+        import httpx
+
+        self._c = httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_connections=512,
+                                                                       max_keepalive_connections=512))
+
+    async def post(self, url: str, payload: dict) -> int:
+        return (await self._c.post(url, json=payload)).status_code
+
+    async def aclose(self) -> None:
+        await self._c.aclose()
+
+
+def _poster(kind: str) -> RawHTTP | HttpxPoster:
+    return RawHTTP() if kind == "raw" else HttpxPoster()
+
+
+async def _open_loop(urls: list[str], users: np.ndarray, rate: float, seconds: float,
+                     client: str) -> tuple[Stats, int]:
     """Sends at fixed times t0 + i/rate whatever the answers do; latency counts from the
     intended send time, so a client or server falling behind shows in it (no coordinated
     omission). Returns the stats and how many sends started more than 5 ms late."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
     total = int(rate * seconds)
     lat: list[float] = []
     fails = [0]
     late = [0]
     rng = random.Random(1)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as c:
+    c = _poster(client)
+    try:
         for i in range(20):  # open connections to both replicas first
-            await c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(users[i]), "k": K})
+            await c.post(urls[i % len(urls)] + "/recommend", {"user_id": int(users[i]), "k": K})
 
         async def one(i: int, due: float) -> None:
-            now = time.perf_counter()
-            if now - due > 0.005:
+            if time.perf_counter() - due > 0.005:
                 late[0] += 1
             try:
-                r = await c.post(urls[i % len(urls)] + "/recommend",
-                                 json={"user_id": int(users[rng.randrange(len(users))]), "k": K})
-                if r.status_code == 200:
+                status = await c.post(urls[i % len(urls)] + "/recommend",
+                                      {"user_id": int(users[rng.randrange(len(users))]), "k": K})
+                if status == 200:
                     lat.append(time.perf_counter() - due)
                 else:
                     fails[0] += 1
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - counted, the run goes on
                 fails[0] += 1
 
         tasks = []
@@ -252,19 +364,21 @@ async def _open_loop(urls: list[str], users: np.ndarray, rate: float, seconds: f
             tasks.append(asyncio.create_task(one(i, due)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
+    finally:
+        await c.aclose()
     name = f"e2e /recommend (open loop, {rate:g} req/s target)"
     return Stats(name, lat, elapsed, fails[0]), late[0]
 
 
-async def _closed_loop(urls: list[str], users: np.ndarray, workers: int, seconds: float) -> Stats:
-    import httpx
-
-    limits = httpx.Limits(max_connections=workers * 2, max_keepalive_connections=workers * 2)
+async def _closed_loop(urls: list[str], users: np.ndarray, workers: int, seconds: float, client: str) -> Stats:
+    """``workers`` loops, each sending its next request when its last one is answered."""
     lat: list[float] = []
     fails = [0]
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as c:
-        for i in range(2 * workers):
-            await c.post(urls[i % len(urls)] + "/recommend", json={"user_id": int(users[i]), "k": K})
+    c = _poster(client)
+    try:
+        # two connections per worker (one per replica) opened before the clock starts
+        await asyncio.gather(*(c.post(urls[i % len(urls)] + "/recommend", {"user_id": int(users[i]), "k": K})
+                               for i in range(2 * workers)))
         stop_at = time.perf_counter() + seconds
 
         async def worker(w: int) -> None:
@@ -273,9 +387,9 @@ async def _closed_loop(urls: list[str], users: np.ndarray, workers: int, seconds
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(urls[i % len(urls)] + "/recommend",
-                                     json={"user_id": int(users[rng.randrange(len(users))]), "k": K})
-                    if r.status_code == 200:
+                    status = await c.post(urls[i % len(urls)] + "/recommend",
+                                          {"user_id": int(users[rng.randrange(len(users))]), "k": K})
+                    if status == 200:
                         lat.append(time.perf_counter() - t0)
                     else:
                         fails[0] += 1
@@ -286,7 +400,65 @@ async def _closed_loop(urls: list[str], users: np.ndarray, workers: int, seconds
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(workers)))
         elapsed = time.perf_counter() - start
+    finally:
+        await c.aclose()
     return Stats(f"e2e /recommend (saturation, {workers} workers)", lat, elapsed, fails[0])
+
+
+# ---------------------------------------------------------------------------- CPU
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by each named process group,
+    plus this process as "client". Linux /proc only; empty where it is missing."""
+    out = {name: 0.0 for name in groups}
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                # the command name may hold spaces: fields start after its closing paren
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pgrp, utime, stime = int(fields[2]), int(fields[11]), int(fields[12])
+        used = (utime + stime) / _TICK
+        if int(entry) == os.getpid():
+            out["client"] = used
+        elif pgrp in by_pgid:
+            out[by_pgid[pgrp]] += used
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(x) for x in fh.readline().split()[1:]]
+        # busy = everything but idle and iowait, over all CPUs
+        out["_machine_busy"] = (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def cpu_line(before: dict[str, float], after: dict[str, float], stats: Stats) -> str:
+    """CPU milliseconds per answered request, by service, and the machine's utilisation."""
+    if not before or not stats.n:
+        return ""
+    used = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    routers = sum(v for k, v in used.items() if k.startswith("router"))
+    parts = [("client", used.get("client", 0.0)), ("routers", routers),
+             ("triton", used.get("triton", 0.0)), ("index", used.get("index_service", 0.0))]
+    total = sum(v for _, v in parts)
+    capacity = stats.elapsed * (os.cpu_count() or 1)
+    line = ("    CPU ms/request: " + ", ".join(f"{k} {v / stats.n * 1000:.2f}" for k, v in parts if v or k != "routers")
+            + f"; total {total / stats.n * 1000:.2f}. CPU busy: these processes {total / capacity:.0%}")
+    if "_machine_busy" in used:
+        others = max(0.0, used["_machine_busy"] - total)
+        line += f", other processes on the machine {others / capacity:.0%}"
+    return line
 
 
 # ---------------------------------------------------------------------------- breakdown
@@ -383,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="open-loop rate, req/s")
     parser.add_argument("--concurrency", default="8,16", help="closed-loop worker counts, comma list")
     parser.add_argument("--direct-threads", type=int, default=8, help="client threads for direct saturation")
+    parser.add_argument("--load-client", choices=("raw", "httpx"), default="raw",
+                        help="client of the open-loop and saturation runs (raw: lean asyncio HTTP/1.1)")
     parser.add_argument("--n-users", type=int, default=6040)
     parser.add_argument("--n-items", type=int, default=3706)
     parser.add_argument("--dim", type=int, default=64)
@@ -436,25 +610,34 @@ def main(argv: list[str] | None = None) -> int:
         say(f"data plane up, v{VERSION} loaded and routed: {time.perf_counter() - t0:.1f}s")
         say()
 
-        floor = bench_in_process(bundle, index_dir, users, seq_n * 2)
+        groups = {n: g for n, g in plane.status().items() if g}
+        cpu_notes: list[tuple[str, str]] = []
+
+        def run(fn, *a):
+            """Run one measurement, print its line and its CPU use per request."""
+            cpu0 = cpu_seconds(groups)
+            out = fn(*a)
+            stats = out[0] if isinstance(out, tuple) else out
+            note = cpu_line(cpu0, cpu_seconds(groups), stats)
+            say(stats.line())
+            if note:
+                say(note)
+                cpu_notes.append((stats.name, note))
+            return out
+
+        floor = bench_in_process(bundle, index_dir, users, seq_n * 2)  # one thread: its CPU is its time
         say(floor.line())
-        direct = bench_direct_sequential(ep, users, seq_n)
-        say(direct.line())
-        direct_sat = bench_direct_saturation(ep, users, args.direct_threads, sat_s)
-        say(direct_sat.line())
+        direct, direct_legs = run(bench_direct_sequential, ep, users, seq_n)
+        direct_async, async_legs = run(lambda: asyncio.run(_direct_async_sequential(ep, users, seq_n)))
+        direct_sat = run(bench_direct_saturation, ep, users, args.direct_threads, sat_s)
         before = scrape(ep)
-        e2e = bench_e2e_sequential(urls, users, seq_n)
-        say(e2e.line())
+        e2e = run(bench_e2e_sequential, urls, users, seq_n)
         breakdown = mean_breakdown(before, scrape(ep), e2e)
-        open_loop, late = asyncio.run(_open_loop(urls, users, args.rate, open_s))
+        open_loop, late = run(lambda: asyncio.run(_open_loop(urls, users, args.rate, open_s, args.load_client)))
         open_loop.note = f"({late} sends >5 ms late; latency from intended send time)"
-        say(open_loop.line())
-        sats = []
-        for c in concurrency:
-            s = asyncio.run(_closed_loop(urls, users, c, sat_s))
-            say(s.line())
-            sats.append(s)
-        rows = [floor, direct, direct_sat, e2e, open_loop, *sats]
+        sats = [run(lambda c=c: asyncio.run(_closed_loop(urls, users, c, sat_s, args.load_client)))
+                for c in concurrency]
+        rows = [floor, direct, direct_async, direct_sat, e2e, open_loop, *sats]
 
         to_all, write_s, after_ack = bench_propagation(dp, urls, trials)
     finally:
@@ -468,8 +651,17 @@ def main(argv: list[str] | None = None) -> int:
     for s in rows:
         say(f"{s.name:<48} {s.p50:>8.2f} {s.p99:>8.2f} {s.rate:>9,.0f} {s.failures:>5}")
     say()
+    say(f"CPU per answered request by process (client = this benchmark; load client: {args.load_client}):")
+    for name, note in cpu_notes:
+        say(f"  {name}:")
+        say("  " + note.strip())
+    say()
     say("sequential, one request at a time:")
     say(f"  router overhead (e2e - direct):  p50 {e2e.p50 - direct.p50:+.2f} ms, p99 {e2e.p99 - direct.p99:+.2f} ms")
+    say(f"  of which the async clients:      p50 {direct_async.p50 - direct.p50:+.2f} ms "
+        f"(direct with grpc.aio + httpx.AsyncClient - direct with sync clients)")
+    say(f"  router proper (e2e - async direct): p50 {e2e.p50 - direct_async.p50:+.2f} ms, "
+        f"p99 {e2e.p99 - direct_async.p99:+.2f} ms (HTTP server, validation, routing, impression, hop)")
     say(f"  e2e / direct:                    p50 {e2e.p50 / direct.p50:.2f}x, p99 {e2e.p99 / direct.p99:.2f}x")
     say(f"  e2e / in-process:                p50 {e2e.p50 / floor.p50:.2f}x, p99 {e2e.p99 / floor.p99:.2f}x")
     say(f"  direct / in-process:             p50 {direct.p50 / floor.p50:.2f}x, p99 {direct.p99 / floor.p99:.2f}x")
@@ -484,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     say("where a sequential /recommend's time goes (means over that run, from each service's own metrics):")
     for label, ms in breakdown:
         say(f"  {label:<58} {ms:>7.2f} ms")
+    say("  for comparison, direct calls from this process, medians:")
+    for label, legs in (("sync", direct_legs), ("async", async_legs)):
+        say(f"    {label:<5} clients: Triton gRPC round trip {np.median(legs[:, 0]) * 1000:.2f} ms, "
+            f"index /search round trip {np.median(legs[:, 1]) * 1000:.2f} ms")
     say()
     say(f"route-table propagation ({trials} writes; router polls its store every 0.2 s; requirement <= 1 s):")
     say(f"  write -> every replica serving: min {min(to_all):.3f} s, median {statistics.median(to_all):.3f} s, "
@@ -492,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(checks the pairing, stores, applies on the replica written to)")
     say(f"  write acknowledged -> all:       min {min(after_ack):.3f} s, median {statistics.median(after_ack):.3f} s, "
         f"max {max(after_ack):.3f} s")
+    say()
+    say(f"note: {os.cpu_count()}-CPU machine shared with other work; the benchmark client and every server "
+        f"share those CPUs, so saturation figures are the whole machine's, and neighbours' load shows in them.")
     return 0
 
 

@@ -5,7 +5,9 @@
    (yesterday), which trains the first model and makes it champion (bootstrap);
 3. trigger a second run for the next logical date (today): a challenger gated
    against that champion;
-4. print each run, the decisions with their numbers, and where to look.
+4. serve the champion on the data plane (Triton + index service, 100% of users) and
+   start the user simulator on real users;
+5. print each run, the decisions with their numbers, what the users saw, where to look.
 
 Run through `make demo` (which sets up and starts the stack first).
 """
@@ -13,6 +15,7 @@ Run through `make demo` (which sets up and starts the stack first).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -57,6 +60,49 @@ def only_gate_said_no(api: AirflowApi, run: dict) -> bool:
     states = {ti["task_id"]: ti.get("state") for ti in api.task_instances(DAG_ID, run["dag_run_id"])}
     failed = {t for t, s in states.items() if s == "failed"}
     return failed == {"gate_model"}
+
+
+def serve_and_simulate(settings, seconds: float = 20.0) -> dict | None:
+    """Put the champion on the data plane (model + index, 100% of users), start the user
+    simulator on real users with their held-out future interactions, report what they saw."""
+    from dayloop.registry import CHAMPION, Registry
+    from dayloop.rollout.serving import serve_only
+    from dayloop.simulation.panel import panel_from_replay
+    from serving.client import DataPlaneClient
+    from serving.launch import DataPlane, config_from_env
+
+    champion = Registry(settings).alias_version(CHAMPION)
+    if champion is None:
+        log("no champion yet: nothing to serve")
+        return None
+    client = DataPlaneClient.from_env()
+    out = serve_only(settings, client, champion.version, actor="demo",
+                     reason=f"demo: serve champion v{champion.version}")
+    log(f"champion v{out['version']} loaded in Triton and the index service; route revision "
+        f"{out['revision']} sends 100% of users to it")
+    panel = panel_from_replay(settings, after=dict(champion.tags).get("dayloop.logical_date"), days=7)
+    (settings.home / "serving").mkdir(parents=True, exist_ok=True)
+    panel_path = panel.write(settings.home / "serving" / "panel.npz")
+    plane = DataPlane(config_from_env())
+    stats_path = settings.home / "serving" / "simulator.json"
+    plane.stop_service("simulator")
+    stats_path.unlink(missing_ok=True)
+    plane.start_simulator(panel_path, rate=20, stats_file=stats_path)
+    log(f"user simulator: {panel.n_users} real users, clicks follow their next 7 days of ratings; "
+        f"running {seconds:.0f}s before reporting")
+    time.sleep(seconds)
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    print()
+    print(f"Serving (after {stats.get('elapsed_s', 0):.0f}s of simulated users at {stats.get('rate')} req/s):")
+    print(f"  requests {stats.get('sent', 0)} sent, {stats.get('ok', 0)} ok, failed {stats.get('failed', {}) or 0}")
+    lat = stats.get("latency_ms", {})
+    print(f"  latency  p50 {lat.get('p50', float('nan')):.1f} ms, p99 {lat.get('p99', float('nan')):.1f} ms (client side)")
+    for v, pv in sorted(stats.get("per_version", {}).items()):
+        print(f"  v{v}: {pv.get('impressions', 0)} lists shown, {pv.get('clicks', 0)} clicks, "
+              f"CTR {pv.get('ctr', 0):.3f} clicks/list")
+    endpoints = client.endpoints
+    return {"router": endpoints["router_urls"][0], "prometheus": endpoints["prometheus_url"],
+            "stats": str(stats_path)}
 
 
 def main() -> int:
@@ -104,12 +150,17 @@ def main() -> int:
               + (f"  failed tasks: {', '.join(failed)}" if failed else ""))
     print()
     print(render(settings))
+    serving = serve_and_simulate(settings)
     print()
     print("Where to look:")
     print(f"  Airflow UI : {base}  (user admin, password {password};"
           f" also in {airflow_home}/simple_auth_manager_passwords.json.generated)")
     print(f"  MLflow UI  : {mlflow_url}  (experiment dayloop-daily-refresh, model {settings.model_name})")
     print(f"  Reports    : {settings.reports_dir}")
+    if serving:
+        print(f"  Router     : {serving['router']}/recommend  (POST {{\"user_id\": 1, \"k\": 10}})")
+        print(f"  Prometheus : {serving['prometheus']}  (e.g. dayloop:router_latency_seconds:p99_30s)")
+        print(f"  Users      : the simulator keeps running; stats in {serving['stats']}")
     print(f"  Logs       : {os.environ.get('DAYLOOP_LOG_DIR')}")
     print("  Stop it all: make stop")
     # A challenger the offline gate rejects is an honest outcome of the loop, not a

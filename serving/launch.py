@@ -213,6 +213,23 @@ class DataPlane:
                                "--grpc-port", str(c.triton_grpc), "--metrics-port", str(c.triton_metrics),
                                "--python", str(c.python)])
         self._wait("triton", f"http://{c.host}:{c.triton_http}/v2/health/ready", timeout)
+        self._reload_live_versions()
+
+    def _reload_live_versions(self) -> None:
+        """After a restart, Triton (explicit mode) serves nothing: load the versions whose
+        folders are in the repository, which are the live set the control plane left."""
+        from serving.triton.repository import present_versions
+
+        if not present_versions(self.cfg.triton_repository):
+            return
+        req = urllib.request.Request(
+            f"http://{self.cfg.host}:{self.cfg.triton_http}/v2/repository/models/user_tower/load",
+            data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"serve: Triton could not reload the repository's versions: {exc}", file=sys.stderr)
 
     def start_index(self, timeout: float = 60.0) -> None:
         c = self.cfg

@@ -36,6 +36,16 @@ _SCHEMA = [
         created_at TEXT NOT NULL,
         PRIMARY KEY (model, revision))""",
 ]
+_POSTGRES_APPEND_ONLY = [
+    """CREATE OR REPLACE FUNCTION route_revisions_append_only() RETURNS trigger AS $$
+       BEGIN RAISE EXCEPTION 'route_revisions is append-only'; END; $$ LANGUAGE plpgsql""",
+    """DROP TRIGGER IF EXISTS route_revisions_append_only ON route_revisions""",
+    """CREATE TRIGGER route_revisions_append_only BEFORE UPDATE OR DELETE ON route_revisions
+       FOR EACH ROW EXECUTE FUNCTION route_revisions_append_only()""",
+]
+# Any fixed key: serialises schema creation when several replicas start at once on a fresh
+# Postgres (concurrent CREATE TABLE IF NOT EXISTS can collide on the catalog).
+_POSTGRES_SCHEMA_LOCK = 7_320_411
 _SQLITE_APPEND_ONLY = [
     """CREATE TRIGGER IF NOT EXISTS route_revisions_no_update BEFORE UPDATE ON route_revisions
        BEGIN SELECT RAISE(ABORT, 'route_revisions is append-only'); END""",
@@ -118,8 +128,16 @@ class RouteStore:
 
     def _init_schema(self) -> None:
         conn = self._conn()
-        for stmt in _SCHEMA + (_SQLITE_APPEND_ONLY if self.kind == "sqlite" else []):
-            conn.execute(stmt)
+        if self.kind == "sqlite":
+            for stmt in _SCHEMA + _SQLITE_APPEND_ONLY:
+                conn.execute(stmt)
+            return
+        conn.execute("SELECT pg_advisory_lock(%s)", (_POSTGRES_SCHEMA_LOCK,))
+        try:
+            for stmt in _SCHEMA + _POSTGRES_APPEND_ONLY:
+                conn.execute(stmt)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_POSTGRES_SCHEMA_LOCK,))
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

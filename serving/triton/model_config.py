@@ -33,7 +33,11 @@ def model_config(
     instances: int = 1,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
 ) -> dict[str, Any]:
-    """The user tower's model config; ``versions`` (sorted, unique) become a specific policy."""
+    """The user tower's model config.
+
+    Default ``version_policy: all``: the version folders in the repository are the live set
+    (see :mod:`serving.triton.repository`). ``versions`` gives a specific policy instead.
+    """
     if kind not in ("cpu", "gpu"):
         raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}")
     if max_batch_size < 1 or instances < 1 or queue_delay_us < 0:
@@ -60,7 +64,7 @@ def model_config(
             raise ValueError(f"versions must be positive integers, got {vs}")
         cfg["version_policy"] = {"specific": {"versions": vs}}
     else:
-        cfg["version_policy"] = {"latest": {"num_versions": 1}}
+        cfg["version_policy"] = {"all": {}}
     return cfg
 
 

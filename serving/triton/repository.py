@@ -49,8 +49,7 @@ def ensure_repository(repo: Path, kind: Kind = "cpu") -> Path:
     mdir.mkdir(parents=True, exist_ok=True)
     cfg_path = mdir / "config.pbtxt"
     if not cfg_path.is_file():
-        cfg = model_config(kind)
-        cfg["version_policy"] = {"all": {}}
+        cfg = model_config(kind)  # version_policy all: the folders present are the live set
         tmp = mdir / f".config.pbtxt.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_text(to_pbtxt(cfg))
         tmp.replace(cfg_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dayloop.simulation.panel import write_panel
-from serving.client import DataPlaneClient, RouteConflict, RouterAdminError
+from serving.client import DataPlaneClient, RouteConflict
 from serving.launch import DataPlane, PlaneConfig
 from serving.routing import canary_table, single_version_table
 from serving_helpers import free_port, make_bundle, make_index, serving_python

@@ -1,0 +1,1 @@
+"""Rollout: putting registered versions on the serving tier (deploy, routing, outcomes)."""
