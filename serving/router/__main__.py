@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="expose /admin/faults (tests and demos only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every index-service call at INFO: a log line per user request
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = RouterSettings(
         triton_grpc=args.triton_grpc, index_url=args.index_url, store_url=args.store_url,
         token=read_token(args.token_file), replica=args.replica or f"router-{args.port}",

@@ -24,6 +24,17 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 USERS = (np.arange(1, 201) * 7).astype(np.int64)  # the bundles' user ids
 
 
+def _top_items(bundle_dir, users, k):
+    import torch
+
+    tower = torch.jit.load(str(bundle_dir / "serving_tower.pt"))
+    with torch.no_grad():
+        u = tower(torch.from_numpy(users.reshape(-1, 1))).numpy()
+    items = np.load(bundle_dir / "item_embeddings.npy")
+    ids = np.load(bundle_dir / "item_ids.npy")
+    return ids[np.argsort(-(u @ items.T), axis=1)[:, :k]]
+
+
 def _index_meta(ix):
     return json.loads((ix / "index_meta.json").read_text())
 
@@ -41,9 +52,10 @@ def plane(tmp_path_factory):
     for v, dim in ((1, 16), (2, 16), (3, 24)):
         b = make_bundle(art / f"b{v}", seed=v, dim=dim)
         versions[v] = (b, make_index(b, art / f"i{v}"))
-    rng = np.random.default_rng(0)
-    panel = write_panel(art / "panel.npz", USERS, [rng.choice(np.arange(1001, 1301), 20, replace=False)
-                                                    for _ in USERS], {"source": "test"})
+    # The users' "future interactions" are what v1 ranks top-10 for them (computed in-process),
+    # so v1 is the better model for this panel and v2 (another random model) a worse one.
+    panel = write_panel(art / "panel.npz", USERS, list(_top_items(versions[1][0], USERS, 10)),
+                        {"source": "test: v1's own top-10"})
     try:
         dp.start()
         client = DataPlaneClient.from_plane_file(home / "plane.json")
@@ -327,3 +339,48 @@ def test_fault_injection_is_off_unless_configured(plane, tmp_path):
         assert httpx.post(f"http://127.0.0.1:{port}/recommend", json={"user_id": 7, "k": 3}).status_code == 200
     finally:
         svc.stop()
+
+
+def test_canary_faults_are_counted_and_never_seen_by_users(plane):
+    client = plane["client"]
+    _route(plane, canary_table(1, 2, 50, "faults"), "fault check")
+    before = {name: _metric_sum(plane, name, {"version": "2"}) for name in
+              ("dayloop_router_nonfinite_total", "dayloop_router_fallbacks_total")}
+    timeouts_before = _metric_sum(plane, "dayloop_router_errors_total", {"version": "2", "reason": "timeout"})
+    served = set()
+    try:
+        with httpx.Client() as http:
+            client.router.set_fault(2, nan_rate=1.0)
+            for i in range(60):
+                r = http.post(plane["routers"][i % 2] + "/recommend", json={"user_id": int(USERS[i]), "k": 5})
+                assert r.status_code == 200 and all(np.isfinite(r.json()["scores"]))
+                served.add(r.json()["version"])
+            nan_count = _metric_sum(plane, "dayloop_router_nonfinite_total", {"version": "2"})
+            client.router.set_fault(2, latency_ms=400)  # past the 0.25 s canary timeout
+            for i in range(20):
+                r = http.post(plane["routers"][i % 2] + "/recommend", json={"user_id": int(USERS[i]), "k": 5})
+                assert r.status_code == 200
+                served.add(r.json()["version"])
+    finally:
+        client.router.clear_faults()
+    assert served == {1}, "a failing canary's answer reached a user"
+    assert nan_count - before["dayloop_router_nonfinite_total"] >= 20
+    assert _metric_sum(plane, "dayloop_router_errors_total", {"version": "2", "reason": "timeout"}) - timeouts_before >= 5
+    assert _metric_sum(plane, "dayloop_router_fallbacks_total", {"version": "2"}) - before["dayloop_router_fallbacks_total"] >= 25
+    _route(plane, single_version_table(1), "end of fault check")
+
+
+def test_a_worse_model_earns_fewer_clicks_from_the_simulated_users(plane, tmp_path):
+    _route(plane, canary_table(1, 2, 50, "ctr-check"), "ctr check")
+    stats_path = _simulate(plane, tmp_path, rate=40)
+    try:
+        time.sleep(8)
+    finally:
+        stats = _stop_simulator(plane, stats_path)
+        _route(plane, single_version_table(1), "end of ctr check")
+    pv = stats["per_version"]
+    print(f"\nCTR v1 {pv['1']['ctr']:.3f} ({pv['1']['impressions']} lists), "
+          f"v2 {pv['2']['ctr']:.3f} ({pv['2']['impressions']} lists)")
+    assert sum(stats["failed"].values()) == 0
+    assert pv["1"]["impressions"] >= 50 and pv["2"]["impressions"] >= 50
+    assert pv["1"]["ctr"] > 3 * pv["2"]["ctr"]
