@@ -314,7 +314,8 @@ def test_prometheus_queries_return_the_per_version_values_of_the_traffic(plane):
         time.sleep(0.5)
     assert ratio["1"] == 0.0
     assert 0.2 < ratio["2"] < 0.8
-    assert 0.0 < ctr["1"] <= 1.0
+    # clicks per list shown (a list can earn several clicks: earlier tests' simulated users do)
+    assert 0.0 < ctr["1"] < 10.0
     p99 = _prom(plane, "dayloop:router_latency_seconds:p99_30s")
     assert set(p99) >= {"1", "2"} and all(0 < x < 2 for x in p99.values()), p99
     _route(plane, single_version_table(1), "end of prometheus check")
