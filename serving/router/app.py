@@ -212,6 +212,12 @@ class Router:
         shares = table.shares()
         for v in old | set(shares):
             self.metrics.share.labels(str(v)).set(shares.get(v, 0.0))
+        m = self.metrics
+        for v in table.versions:
+            # a routed version's counters exist from the start at 0, so "no clicks / no NaN yet"
+            # reads as 0 in Prometheus instead of a missing series (which means "unknown")
+            for counter in (m.requests, m.nonfinite, m.impressions, m.clicks, m.fallbacks):
+                counter.labels(str(v))
         log.info("%s applied route revision %d: %s", self.s.replica, revision, table.as_dict())
 
     async def _poll_routes(self) -> None:
