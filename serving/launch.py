@@ -239,6 +239,11 @@ class DataPlane:
 
     def start_routers(self, timeout: float = 60.0) -> None:
         c = self.cfg
+        # Create the store (schema, WAL mode) once here, so replicas starting together only open it.
+        from serving.route_store import RouteStore
+
+        if str(c.store_url).startswith("sqlite:"):
+            RouteStore(str(c.store_url)).close()
         for i, port in enumerate(c.router_ports):
             cmd = [str(c.python), "-m", "serving.router", "--host", c.host, "--port", str(port),
                    "--replica", f"router-{i}", "--triton-grpc", f"{c.host}:{c.triton_grpc}",

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,18 @@ def _text(value: Any, name: str, limit: int) -> str:
     return value.strip()
 
 
+def _retry_busy(fn: Any, attempts: int = 100, pause: float = 0.05) -> Any:
+    """Run ``fn``, retrying while SQLite reports the database busy/locked (about 5 s in all)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(pause)
+    return None
+
+
 class RouteStore:
     """Revisions of the route table of one model in SQLite or Postgres."""
 
@@ -114,8 +127,11 @@ class RouteStore:
         if conn is None:
             if self.kind == "sqlite":
                 conn = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=10000")
+                # Switching to WAL needs a moment of exclusive access; SQLite answers BUSY at once
+                # (no busy handler) when another process is opening the same new file, e.g. two
+                # router replicas starting together. Retry briefly instead of failing the start.
+                _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             else:
                 import psycopg  # only where a Postgres store is configured
 
@@ -130,7 +146,7 @@ class RouteStore:
         conn = self._conn()
         if self.kind == "sqlite":
             for stmt in _SCHEMA + _SQLITE_APPEND_ONLY:
-                conn.execute(stmt)
+                _retry_busy(lambda stmt=stmt: conn.execute(stmt))
             return
         conn.execute("SELECT pg_advisory_lock(%s)", (_POSTGRES_SCHEMA_LOCK,))
         try:

@@ -87,3 +87,16 @@ def test_bad_urls_are_refused(tmp_path):
         RouteStore("mysql://x")
     with pytest.raises(ValueError):
         RouteStore("sqlite:///relative.db")
+
+
+def test_many_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
+    """Two router replicas start together on a new SQLite file (the WAL switch races)."""
+    import subprocess
+    import sys
+
+    for trial in range(5):
+        url = f"sqlite:///{tmp_path / f'routes{trial}.sqlite'}"
+        code = f"from serving.route_store import RouteStore; RouteStore({url!r}).latest_revision()"
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(6)]
+        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errors
