@@ -16,6 +16,23 @@ Runs once per day, after the day closes, for the logical date `ds`:
 5. **index**: FAISS index of the item embeddings, recall-checked against exact search and
    linked to the version; then the version becomes `champion` (bootstrap, first model) or
    `challenger` (awaiting its canary).
+6. **rollout**: on the live data plane (Triton + index service + routers, judged on
+   Prometheus):
+   - `deploy_canary`: load the model + index pair, check it live, route the plan's first
+     step (the bootstrap champion gets 100% directly);
+   - `bake_and_ramp`: each step bakes in the triggerer (deferrable; no worker slot held),
+     then canary vs control is analysed (errors, NaN, p99, score drift, sequential CTR
+     test); pass = next step, fail or too long inconclusive = stop;
+   - `promote_canary` -> `retire_previous`: aliases `champion`/`previous` move, the old
+     version is unloaded after a grace period;
+   - `rollback_canary` runs when any rollout task failed: 100% back to the champion in one
+     route write, canary drained and unloaded, reason tagged, alert sent;
+   - `report_rollout` always runs: writes the rollout report to the version's MLflow run
+     and fails the run unless the version ended up serving.
+
+Params choose the rollout plan (`rollout_profile`, `rollout_overrides`) and whether to
+deploy at all (`deploy`). Only one rollout holds the route table at a time; a manual
+rollback (DAG `manual_rollback`) takes it over and this run stops without fighting it.
 
 Every task is one call into `dayloop.airflow.tasks`; logic lives in `include/dayloop`.
 """
@@ -24,6 +41,9 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task, task_group
+
+from dayloop.airflow.notifier import RolloutAlertNotifier
+from dayloop.airflow.operators import BakeAndRampOperator
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -41,7 +61,9 @@ DEFAULT_ARGS = {
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    dagrun_timeout=pendulum.duration(hours=6),
+    # Long enough for the prod plan at its worst (every step at max bake, ~15 h): a run
+    # timed out mid-rollout would skip its rollback task.
+    dagrun_timeout=pendulum.duration(hours=22),
     tags=["dayloop", "training", "daily"],
     doc_md=__doc__,
     params={
@@ -51,13 +73,28 @@ DEFAULT_ARGS = {
                                        description="Override the offline gate's non-inferiority margin."),
         "index_recall_floor": Param(0.95, type="number", minimum=0.5, maximum=1.0,
                                     description="Minimum recall@100 of the FAISS index vs exact search."),
+        "deploy": Param(True, type="boolean",
+                        description="Deploy the gated version on the serving tier (off: register and gate only)."),
+        "rollout_profile": Param(None, type=["null", "string"], enum=[None, "prod", "demo"],
+                                 description="Rollout plan profile (empty: the deployment's "
+                                             "DAYLOOP_ROLLOUT_PROFILE, else prod)."),
+        "rollout_overrides": Param(None, type=["null", "object"],
+                                   description='Plan overrides, e.g. {"steps": [5, 50, 100], '
+                                               '"bake_seconds": 60, "ctr_margin": 0.05}.'),
     },
 )
 def daily_refresh():
+    @task
+    def check_rollout_plan(params=None) -> dict:
+        """Validate the rollout Params now, before a bad override wastes a training run."""
+        from dayloop.airflow import tasks
+
+        return tasks.check_rollout_plan(params)
+
     @task_group(group_id="data_gate")
-    def data_gate():
+    def data_gate(plan: dict):
         @task
-        def land_partition(ds=None) -> dict:
+        def land_partition(plan: dict, ds=None) -> dict:
             """Land the logical day's interaction partition (seeds history on the first run)."""
             from dayloop.airflow import tasks
 
@@ -70,7 +107,7 @@ def daily_refresh():
 
             return tasks.validate_partition(ds)
 
-        return validate_partition(land_partition())
+        return validate_partition(land_partition(plan))
 
     @task
     def build_features(validated: dict, ds=None) -> dict:
@@ -122,8 +159,58 @@ def daily_refresh():
 
         return publish_candidate(rebuild_index(gated, features))
 
-    features = build_features(data_gate())
-    index(gate_model(model(features), features), features)
+    @task_group(group_id="rollout")
+    def rollout(published: dict):
+        @task(retries=0)
+        def deploy_canary(published: dict, params=None, run_id=None) -> dict:
+            """Load the pair, check it live, route the first step (or serve the bootstrap champion)."""
+            from dayloop.airflow import tasks
+
+            return tasks.deploy_canary(published, params, run_id)
+
+        deployed = deploy_canary(published)
+        baked = BakeAndRampOperator(
+            task_id="bake_and_ramp", rollout=deployed, retries=0,
+            doc_md="Each plan step bakes in the triggerer, then canary vs control is analysed on "
+                   "Prometheus; pass routes the next step, fail stops the rollout.")
+
+        @task
+        def promote_canary(deployed: dict, baked: dict, run_id=None) -> dict:
+            """Every step passed: 100% to the canary, champion/previous aliases moved."""
+            from dayloop.airflow import tasks
+
+            return tasks.promote_canary(deployed, baked, run_id)
+
+        @task
+        def retire_previous(deployed: dict, promoted: dict) -> dict:
+            """After the grace period, unload the old champion (unless routed again)."""
+            from dayloop.airflow import tasks
+
+            return tasks.retire_previous(deployed, promoted)
+
+        @task(trigger_rule="one_failed", retries=3, retry_delay=pendulum.duration(seconds=5),
+              on_success_callback=RolloutAlertNotifier(), on_failure_callback=RolloutAlertNotifier(failed=True))
+        def rollback_canary(ti=None, run_id=None) -> dict:
+            """A rollout task failed: 100% back to the champion, canary drained and unloaded, alert."""
+            from dayloop.airflow import tasks
+
+            return tasks.rollback_canary(ti, run_id)
+
+        @task(trigger_rule="all_done", retries=0)
+        def report_rollout(ti=None, ds=None) -> dict:
+            """Rollout report to MLflow; fails the run unless the version ended up serving."""
+            from dayloop.airflow import tasks
+
+            return tasks.report_rollout(ti, ds)
+
+        promoted = promote_canary(deployed, baked.output)
+        retired = retire_previous(deployed, promoted)
+        rolled_back = rollback_canary()
+        [deployed, baked, promoted] >> rolled_back
+        [retired, rolled_back] >> report_rollout()
+
+    features = build_features(data_gate(check_rollout_plan()))
+    rollout(index(gate_model(model(features), features), features))
 
 
 daily_refresh()

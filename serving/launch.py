@@ -87,6 +87,7 @@ class PlaneConfig:
             "index_url": f"http://{h}:{self.index_port}",
             "router_urls": [f"http://{h}:{p}" for p in self.router_ports],
             "prometheus_url": f"http://{h}:{self.prometheus_port}",
+            "prometheus_scrape_interval_s": float(self.scrape_interval.rstrip("s")),
             "token_file": str(self.token_file),
             "store_url": self.store_url,
             "faults_enabled": self.faults_enabled,

@@ -18,7 +18,7 @@ from typing import Any
 
 from dayloop.config import Settings
 from dayloop.errors import DayloopError, IndexGateFailed, OfflineGateFailed
-from dayloop.planted import INDEX_FAULTS, MODEL_FAULTS, faults_for
+from dayloop.planted import INDEX_FAULTS, MODEL_FAULTS, SERVING_FAULTS, faults_for
 
 log = logging.getLogger("dayloop.pipeline")
 
@@ -85,6 +85,11 @@ def train(ds: dt.date, settings: Settings, features_path: str, overrides: dict |
         params = replace(params, shuffle_item_ids=True)
     out = settings.models_dir / f"ds={ds.isoformat()}"
     result = train_two_tower(Path(features_path), out, params)
+    if "serving_skew" in faults_for(ds, SERVING_FAULTS):
+        from dayloop.training.bundle import plant_serving_skew
+
+        log.warning("planted fault for %s: the serving export maps users to other users' rows", ds)
+        plant_serving_skew(result.bundle_dir, seed=ds.toordinal())
     summary = {
         "bundle": str(result.bundle_dir),
         "device": result.device,

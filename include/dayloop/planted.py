@@ -21,7 +21,11 @@ DATA_FAULTS = ("drop_column", "null_spike", "out_of_day_timestamps", "volume_dro
 # Faults that corrupt a later stage.
 MODEL_FAULTS = ("shuffle_item_ids",)
 INDEX_FAULTS = ("broken_index",)
-ALL_FAULTS = DATA_FAULTS + MODEL_FAULTS + INDEX_FAULTS
+# Training-serving skew: the exported serving tower maps each user id to another user's
+# row (embedding, features, history). The model itself is fine, so the offline gate (which
+# evaluates the model, not the serving export) passes it; only users online can tell.
+SERVING_FAULTS = ("serving_skew",)
+ALL_FAULTS = DATA_FAULTS + MODEL_FAULTS + INDEX_FAULTS + SERVING_FAULTS
 
 
 def fault_plan(raw: str | None = None) -> dict[dt.date, set[str]]:

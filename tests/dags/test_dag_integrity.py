@@ -3,6 +3,7 @@ network, connections or variables; parse time is measured in a fresh process."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -95,6 +96,15 @@ def test_parses_fresh_without_errors_network_or_heavy_imports(probes, name, reco
     assert heavy == [], f"{name} imports heavy modules at parse time: {heavy}"
 
 
+# Tasks that must not retry: a retry would repeat a decision already taken (a deploy that
+# failed its live check, a bake that failed its analysis) or end the run twice; their
+# failure path is the rollback task, which itself retries.
+NO_RETRY = {
+    "daily_refresh": {"rollout.deploy_canary", "rollout.bake_and_ramp", "rollout.report_rollout"},
+    "manual_rollback": {"validate_request"},
+}
+
+
 def test_every_dag_is_well_formed(dags):
     assert dags
     for dag_id, dag in dags.items():
@@ -103,7 +113,10 @@ def test_every_dag_is_well_formed(dags):
         assert not dag.catchup, f"{dag_id} must not catch up"
         for t in dag.tasks:
             assert t.owner and t.owner != "airflow", f"{dag_id}.{t.task_id} has no owner"
-            assert t.retries >= 2, f"{dag_id}.{t.task_id} retries={t.retries}"
+            if t.task_id in NO_RETRY.get(dag_id, ()):
+                assert t.retries == 0, f"{dag_id}.{t.task_id} must not retry"
+            else:
+                assert t.retries >= 2, f"{dag_id}.{t.task_id} retries={t.retries}"
             assert t.doc_md or t.doc or getattr(t, "python_callable", None).__doc__, \
                 f"{dag_id}.{t.task_id} has no docstring"
 
@@ -121,6 +134,30 @@ def test_daily_refresh_shape(dags):
     assert "model.register_model" in dag.get_task("gate_model").upstream_task_ids
     assert "gate_model" in dag.get_task("index.rebuild_index").upstream_task_ids
     assert "index.rebuild_index" in dag.get_task("index.publish_candidate").upstream_task_ids
+    # A bad rollout Param fails the run before any data is touched.
+    assert "check_rollout_plan" in dag.get_task("data_gate.land_partition").upstream_task_ids
+
+
+def test_daily_refresh_rollout_wiring(dags):
+    """Deploy -> bake -> promote -> retire; rollback on any rollout failure; the report always
+    runs and is the only leaf, so it alone decides the run's colour."""
+    dag = dags["daily_refresh"]
+    get = dag.get_task
+    assert get("rollout.deploy_canary").upstream_task_ids == {"index.publish_candidate"}
+    assert get("rollout.bake_and_ramp").upstream_task_ids == {"rollout.deploy_canary"}
+    assert type(get("rollout.bake_and_ramp")).__name__ == "BakeAndRampOperator"
+    assert {"rollout.deploy_canary", "rollout.bake_and_ramp"} <= get("rollout.promote_canary").upstream_task_ids
+    assert get("rollout.retire_previous").upstream_task_ids >= {"rollout.promote_canary"}
+    rollback = get("rollout.rollback_canary")
+    assert rollback.trigger_rule == "one_failed"
+    assert rollback.upstream_task_ids == {"rollout.deploy_canary", "rollout.bake_and_ramp",
+                                          "rollout.promote_canary"}
+    assert rollback.on_success_callback and rollback.on_failure_callback
+    report = get("rollout.report_rollout")
+    assert report.trigger_rule == "all_done"
+    assert report.upstream_task_ids == {"rollout.retire_previous", "rollout.rollback_canary"}
+    leaves = [t.task_id for t in dag.tasks if not t.downstream_task_ids]
+    assert leaves == ["rollout.report_rollout"]
 
 
 def test_bad_params_are_refused(dags):
@@ -128,8 +165,25 @@ def test_bad_params_are_refused(dags):
 
     params = dags["daily_refresh"].params
     for bad in ({"train_epochs": 0}, {"train_epochs": "ten"}, {"index_recall_floor": 2.0},
-                {"noninferiority_margin": -1}):
+                {"noninferiority_margin": -1}, {"rollout_profile": "fast"}, {"deploy": "yes"},
+                {"rollout_overrides": "steps=5"}, {"rollout_overrides": [5, 100]}):
         merged = ParamsDict({k: v for k, v in params.items()})
+        with pytest.raises(Exception):
+            merged.update(bad)
+            merged.validate()
+
+
+def test_manual_rollback_form_refuses_bad_input(dags):
+    dag = dags["manual_rollback"]
+    assert dag.schedule is None or str(dag.timetable.summary).lower() in ("none", "null")
+    good = {"reason": "p99 regression after v7"}
+    # Deep copies: ParamsDict.update sets the value on the Param objects it was built from.
+    merged = copy.deepcopy(dag.params)
+    merged.update(good)
+    merged.validate()
+    for bad in ({}, {"reason": "bad"}, {**good, "target_version": "v7"}, {**good, "target_version": "0"},
+                {**good, "target_version": "7; drop"}, {**good, "dry_run": "no"}, {**good, "force": 1}):
+        merged = copy.deepcopy(dag.params)
         with pytest.raises(Exception):
             merged.update(bad)
             merged.validate()

@@ -98,3 +98,121 @@ def rebuild_index(ds: str | None, gated: dict, features: dict, params: dict | No
 @_decided
 def publish_candidate(ds: str | None, indexed: dict) -> dict:
     return pipeline.publish(_day(ds), load_settings(), indexed["version"])
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def _actor(run_id: str | None, dag_id: str = "daily_refresh") -> str:
+    return f"{dag_id}/{run_id}" if run_id else dag_id
+
+
+@_decided
+def check_rollout_plan(params: dict | None) -> dict:
+    from dayloop.rollout import controller
+
+    if (params or {}).get("deploy") is False:
+        return {"deploy": False}
+    plan = controller.resolve_plan(params)
+    log.info("rollout plan %s: %s", plan.name, [s.to_dict() for s in plan.steps])
+    return {"deploy": True, "plan": plan.name, "max_duration_s": plan.max_duration_seconds()}
+
+
+@_decided
+def deploy_canary(published: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    from dayloop.rollout import controller
+
+    return controller.start_rollout(load_settings(), published, params, _actor(run_id))
+
+
+@_decided
+def route_next_step(ctx: dict, step_index: int) -> str:
+    from dayloop.rollout import controller
+    from dayloop.rollout.deploy import RolloutAborted
+
+    settings = load_settings()
+    try:
+        return controller.route_next_step(settings, ctx, step_index, ctx.get("actor") or _actor(None))
+    except RolloutAborted as exc:
+        controller._record_failure(settings, int(ctx["version"]), f"aborted before step {step_index}: {exc}")
+        raise
+
+
+def record_step(ctx: dict, record: dict) -> None:
+    from dayloop.rollout import controller
+
+    controller.record_step(load_settings(), ctx, record)
+
+
+@_decided
+def stop_rollout(ctx: dict, record: dict) -> None:
+    from dayloop.rollout import controller
+
+    reason = controller.fail_step(load_settings(), ctx, record)
+    raise controller.RolloutFailed(reason)
+
+
+@_decided
+def promote_canary(ctx: dict | None, baked: dict | None, run_id: str | None = None) -> dict:
+    from dayloop.rollout import controller
+
+    return controller.promote_rollout(load_settings(), ctx, baked, _actor(run_id))
+
+
+@_decided
+def retire_previous(ctx: dict | None, promoted: dict | None) -> dict:
+    from dayloop.rollout import controller
+
+    return controller.retire_previous(load_settings(), ctx, promoted)
+
+
+@_decided
+def rollback_canary(ti: Any, run_id: str | None = None) -> dict:
+    """Pulls what exists of the run's rollout (upstream tasks may have failed before pushing)."""
+    from dayloop.rollout import controller
+
+    published = ti.xcom_pull(task_ids="index.publish_candidate")
+    ctx = ti.xcom_pull(task_ids="rollout.deploy_canary")
+    return controller.rollback_rollout(load_settings(), published, ctx, _actor(run_id))
+
+
+@_decided
+def report_rollout(ti: Any, ds: str | None = None) -> dict:
+    from dayloop.rollout import controller
+
+    settings = load_settings()
+    steps = ti.xcom_pull(task_ids="rollout.bake_and_ramp", key="steps")
+    out_dir = settings.reports_dir / "rollouts" / (ds or "undated")
+    return controller.finish_rollout(
+        settings, ti.xcom_pull(task_ids="index.publish_candidate"), ti.xcom_pull(task_ids="rollout.deploy_canary"),
+        steps, ti.xcom_pull(task_ids="rollout.promote_canary"), ti.xcom_pull(task_ids="rollout.rollback_canary"),
+        out_dir)
+
+
+# --------------------------------------------------------------------------- manual rollback
+
+
+def _triggered_by(dag_run: Any) -> str:
+    return str(getattr(dag_run, "triggering_user_name", None) or "unknown")
+
+
+@_decided
+def validate_rollback_request(params: dict | None) -> dict:
+    from dayloop.rollout import controller, manual
+
+    p = params or {}
+    out = manual.plan_rollback(load_settings(), controller.plane_client(), model=p.get("model"),
+                               target=p.get("target_version"), reason=p.get("reason"), force=bool(p.get("force")))
+    log.info("rollback request valid: %s", out)
+    return out
+
+
+@_decided
+def execute_manual_rollback(params: dict | None, dag_run: Any = None) -> dict:
+    from dayloop.rollout import controller, manual
+
+    p = params or {}
+    return manual.execute_rollback(load_settings(), controller.plane_client(), model=p.get("model"),
+                                   target=p.get("target_version"), reason=p.get("reason") or "",
+                                   actor=_triggered_by(dag_run), dry_run=bool(p.get("dry_run")),
+                                   force=bool(p.get("force")))

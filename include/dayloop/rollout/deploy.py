@@ -147,21 +147,40 @@ def deploy_canary(settings: Settings, client: DataPlaneClient, version: int | st
             "live_check": check.as_dict(), "loaded": bool(loaded)}
 
 
+class RolloutAborted(DayloopError):
+    """Someone else (the manual rollback DAG, an operator) took the route table from this rollout."""
+
+
 def route_step(settings: Settings, client: DataPlaneClient, version: int, champion: int, percent: float,
                salt: str, actor: str) -> dict[str, Any]:
-    """Grow the canary's range to ``percent`` (same salt: nobody already on it moves)."""
+    """Grow the canary's range to ``percent`` (same salt: nobody already on it moves).
+
+    Refuses (RolloutAborted, nothing written) when the current table is no longer this
+    rollout's: the compare-and-swap re-reads the table on every attempt, so a manual rollback
+    written a moment earlier is seen and never overwritten."""
     from dayloop.registry import Registry
     from serving.routing import canary_table
 
-    rev = _write_with_retry(client, lambda _cur: canary_table(champion, version, percent, salt), actor,
-                            f"ramp canary v{version} to {percent:g}%")
+    def make_table(current: dict[str, Any]):
+        table = current.get("table") or {}
+        routed = {int(r["version"]) for r in table.get("routes", [])}
+        if table.get("salt") != salt or int(version) not in routed:
+            raise RolloutAborted(f"route table taken over at revision {current.get('revision')} by "
+                                 f"{current.get('actor', '?')}: {current.get('reason', '')}")
+        return canary_table(champion, version, percent, salt)
+
+    rev = _write_with_retry(client, make_table, actor, f"ramp canary v{version} to {percent:g}%")
     Registry(settings).set_tags(version, {f"{TAG_ROLLOUT}percent": f"{percent:g}"})
     return {"revision": rev["revision"], "percent": percent}
 
 
 def rollback(settings: Settings, client: DataPlaneClient, version: int | str, reason: str, actor: str,
              drain_seconds: float = 2.0) -> dict[str, Any]:
-    """Send 100% to the champion in one write, then drain and unload the canary and record why."""
+    """Send 100% to the champion in one write, then drain and unload the canary and record why.
+
+    The write happens only while the table still routes to ``version``: when someone else
+    has already taken the traffic away (a manual rollback), nothing is written over them, and
+    the canary is only unloaded and tagged. ``routed`` in the result says which it was."""
     from dayloop.registry import CHALLENGER, CHAMPION, Registry
     from serving.routing import single_version_table
 
@@ -172,22 +191,47 @@ def rollback(settings: Settings, client: DataPlaneClient, version: int | str, re
     version, stable = int(version), int(champion.version)
     load_pair(client, serving_pair(settings, stable))  # the target must serve before it gets traffic
     salt = f"v{stable}-{os.urandom(4).hex()}"
-    rev = _write_with_retry(client, lambda _cur: single_version_table(stable, salt), actor,
-                            f"rollback of v{version}: {reason}")
-    time.sleep(drain_seconds)  # replicas apply within a second; in-flight canary calls finish
+
+    def make_table(current: dict[str, Any]):
+        table = current.get("table") or {}
+        if version not in {int(r["version"]) for r in table.get("routes", [])} | {int(table.get("stable", 0))}:
+            raise _NotRouted(current)
+        return single_version_table(stable, salt)
+
+    try:
+        rev = _write_with_retry(client, make_table, actor, f"rollback of v{version}: {reason}")
+        routed = True
+    except _NotRouted as gone:
+        rev, routed = gone.current, False
+        log.info("v%s no longer routed (revision %s by %s): rollback writes no route", version,
+                 rev.get("revision"), rev.get("actor"))
+    if routed:
+        time.sleep(drain_seconds)  # replicas apply within a second; in-flight canary calls finish
     if version != stable:
         _unload_quietly(client, version)
-    reg.set_tags(version, {f"{TAG_ROLLOUT}status": "rolled_back", f"{TAG_ROLLOUT}reason": reason[:4000],
-                           f"{TAG_ROLLOUT}rolled_back_at_revision": str(rev["revision"])})
+    status = dict(reg.get_version(version).tags).get(f"{TAG_ROLLOUT}status")
+    if status not in ("rolled_back", "aborted") or routed:
+        reg.set_tags(version, {f"{TAG_ROLLOUT}status": "rolled_back", f"{TAG_ROLLOUT}reason": reason[:4000],
+                               f"{TAG_ROLLOUT}rolled_back_at_revision": str(rev.get("revision"))})
     challenger = reg.alias_version(CHALLENGER)
     if challenger is not None and int(challenger.version) == version:
         reg.delete_alias(CHALLENGER)
-    log.warning("rolled back v%s to champion v%s (revision %s): %s", version, stable, rev["revision"], reason)
-    return {"version": version, "champion": stable, "revision": rev["revision"]}
+    log.warning("rolled back v%s to champion v%s (revision %s): %s", version, stable, rev.get("revision"), reason)
+    return {"version": version, "champion": stable, "revision": rev.get("revision"), "routed": routed}
 
 
-def promote(settings: Settings, client: DataPlaneClient, version: int | str, actor: str) -> dict[str, Any]:
-    """Make ``version`` the stable one at 100% and move the aliases (old champion -> previous)."""
+class _NotRouted(Exception):
+    def __init__(self, current: dict[str, Any]) -> None:
+        super().__init__("version not routed")
+        self.current = current
+
+
+def promote(settings: Settings, client: DataPlaneClient, version: int | str, actor: str,
+            expect_salt: str | None = None) -> dict[str, Any]:
+    """Make ``version`` the stable one at 100% and move the aliases (old champion -> previous).
+
+    With ``expect_salt`` the write happens only while the table is still that rollout's
+    (RolloutAborted otherwise, nothing written)."""
     from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry
     from serving.routing import single_version_table
 
@@ -197,8 +241,14 @@ def promote(settings: Settings, client: DataPlaneClient, version: int | str, act
     old = int(champion.version) if champion is not None else None
     load_pair(client, serving_pair(settings, version))
     salt = f"v{version}-{os.urandom(4).hex()}"
-    rev = _write_with_retry(client, lambda _cur: single_version_table(version, salt), actor,
-                            f"promote v{version}" + (f" (was v{old})" if old else ""))
+    def make_table(current: dict[str, Any]):
+        table = current.get("table") or {}
+        if expect_salt is not None and table.get("salt") != expect_salt:
+            raise RolloutAborted(f"route table taken over at revision {current.get('revision')} by "
+                                 f"{current.get('actor', '?')}: {current.get('reason', '')}")
+        return single_version_table(version, salt)
+
+    rev = _write_with_retry(client, make_table, actor, f"promote v{version}" + (f" (was v{old})" if old else ""))
     if old is not None and old != version:
         reg.set_alias(PREVIOUS, old)
         reg.set_tags(old, {f"{TAG_ROLLOUT}status": "previous"})

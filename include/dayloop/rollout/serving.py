@@ -51,8 +51,11 @@ def index_source(uri: str, tracking_uri: str) -> str:
     raise DayloopError(f"index artifact URI {uri!r} is not one the index service can read")
 
 
-def serving_pair(settings: Settings, version: int | str) -> ServingPair:
-    """Resolve a registered version to its deployable pair (or say why it is not deployable)."""
+def serving_pair(settings: Settings, version: int | str, require_gate: bool = True) -> ServingPair:
+    """Resolve a registered version to its deployable pair (or say why it is not deployable).
+
+    ``require_gate=False`` (a forced manual rollback) accepts a version whose offline gate did
+    not pass; the index is always required."""
     from dayloop.registry import TAG_INDEX_PREFIX, Registry, tracking_uri
     from dayloop.training.bundle import SERVING_TOWER_FILE
 
@@ -65,7 +68,7 @@ def serving_pair(settings: Settings, version: int | str) -> ServingPair:
     problems = []
     if tags.get(f"{TAG_INDEX_PREFIX}status") != "ready" or not tags.get(f"{TAG_INDEX_PREFIX}uri"):
         problems.append("no ready index is linked to it")
-    if tags.get("gate.offline.decision") != "pass":
+    if require_gate and tags.get("gate.offline.decision") != "pass":
         problems.append(f"its offline gate decision is {tags.get('gate.offline.decision', 'absent')!r}")
     if problems:
         raise DayloopError(f"version {mv.version} is not deployable: " + "; ".join(problems))

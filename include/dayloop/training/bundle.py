@@ -185,6 +185,22 @@ def export_bundle(
     return out_dir
 
 
+def plant_serving_skew(bundle_dir: Path | str, seed: int = 0) -> None:
+    """Planted fault (tests, demos): rewrite the bundle's serving tower so that each user id
+    looks up another user's row. Every file but ``serving_tower.pt`` stays as exported."""
+    import torch
+
+    bundle_dir = Path(bundle_dir)
+    user_ids = np.load(bundle_dir / USER_IDS_FILE)
+    shuffled = np.random.default_rng(seed).permutation(user_ids)
+    tower = torch.jit.load(str(bundle_dir / USER_TOWER_FILE))
+    serving = build_serving_tower(tower, shuffled, np.load(bundle_dir / USER_FEATURES_FILE),
+                                  np.load(bundle_dir / USER_HISTORY_FILE))
+    tmp = bundle_dir / f".{SERVING_TOWER_FILE}.tmp"
+    serving.save(str(tmp))
+    tmp.replace(bundle_dir / SERVING_TOWER_FILE)
+
+
 def build_serving_tower(
     user_tower: Any, user_ids: np.ndarray, user_features: np.ndarray, user_history: np.ndarray
 ) -> Any:

@@ -1,0 +1,64 @@
+"""The bake-and-ramp operator: walks the rollout plan's steps, deferring each bake to the
+triggerer (:class:`~dayloop.airflow.triggers.BakeTrigger`).
+
+Between bakes it wakes on a worker only to record the step's verdict and route the next
+step (one call each into :mod:`dayloop.rollout.controller`). A failed or aborted step ends
+the task failed (``AirflowFailException``: re-running a decided step would not change the
+answer), which triggers the DAG's rollback task. Every step's record is pushed to XCom
+under ``steps`` as it completes, so the rollback and the report see them even on failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+# Time for one look past the max bake before the task itself is timed out.
+DEFER_SLACK_S = 180
+
+
+class BakeAndRampOperator(BaseOperator):
+    """Bake every step of a canary rollout; ramp on pass, fail on fail (see module doc)."""
+
+    template_fields = ("rollout",)
+    ui_color = "#fde9b6"
+
+    def __init__(self, *, rollout: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rollout = rollout
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ctx = self.rollout
+        if not ctx or ctx.get("mode") != "canary":
+            mode = (ctx or {}).get("mode")
+            self.log.info("nothing to bake: rollout mode %r", mode)
+            return {"outcome": "not_needed", "mode": mode, "steps": []}
+        context["ti"].xcom_push(key="steps", value=[])
+        self._bake(ctx, 0, ctx["started_at"], None, [])
+
+    def _bake(self, ctx: dict[str, Any], index: int, started_at: str, ctr_state: Any, steps: list) -> None:
+        from dayloop.airflow.triggers import BakeTrigger
+
+        step = ctx["plan"]["steps"][index]
+        self.defer(trigger=BakeTrigger(rollout=ctx, step_index=index, started_at=started_at, ctr_state=ctr_state),
+                   method_name="step_done", kwargs={"steps": steps},
+                   timeout=dt.timedelta(seconds=float(step["max_bake_seconds"]) + DEFER_SLACK_S))
+
+    def step_done(self, context: Any, event: dict[str, Any] | None = None, steps: list | None = None) -> dict:
+        from dayloop.airflow import tasks
+
+        ctx = self.rollout
+        steps = list(steps or [])
+        index = int(event["step"])
+        record = {"index": index, "percent": ctx["plan"]["steps"][index]["percent"], **event}
+        steps.append(record)
+        context["ti"].xcom_push(key="steps", value=steps)
+        tasks.record_step(ctx, record)
+        if record["decision"] != "pass":
+            tasks.stop_rollout(ctx, record)  # raises AirflowFailException with the reason
+        if index + 1 < len(ctx["plan"]["steps"]):
+            started = tasks.route_next_step(ctx, index + 1)
+            self._bake(ctx, index + 1, started, event.get("ctr_state"), steps)
+        return {"outcome": "passed", "steps": len(steps), "version": ctx["version"]}

@@ -1,0 +1,84 @@
+"""The bake trigger: runs in the triggerer while a canary step bakes (no worker slot held).
+
+It looks at the step every ``analysis_interval_seconds`` (counted from the step's start,
+not from when this trigger instance started, so a triggerer restart resumes the same
+schedule) and fires one event when the step is decided: ``pass``, ``fail`` or ``aborted``.
+Each look is one call of :func:`dayloop.rollout.bake.look` in a thread: it does blocking
+HTTP (router admin, Prometheus) and numpy work that must not stall the triggerer's loop.
+
+Kept light at import: the DAG file imports the operator, which imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+MAX_LOOKS_KEPT = 60
+
+
+class BakeTrigger(BaseTrigger):
+    """Bake one ramp step of a canary rollout and report its decision."""
+
+    def __init__(self, rollout: dict[str, Any], step_index: int, started_at: str,
+                 ctr_state: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.rollout = rollout
+        self.step_index = int(step_index)
+        self.started_at = started_at
+        self.ctr_state = ctr_state
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("dayloop.airflow.triggers.BakeTrigger",
+                {"rollout": self.rollout, "step_index": self.step_index, "started_at": self.started_at,
+                 "ctr_state": self.ctr_state})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from dayloop.rollout import bake
+
+        plan = self.rollout["plan"]
+        step = plan["steps"][self.step_index]
+        interval = float(plan["analysis_interval_seconds"])
+        start = bake.parse_time(self.started_at)
+        state = self.ctr_state
+        looks: list[dict[str, Any]] = []
+        k = 1
+        self.log.info("baking step %d (%g%%) of v%s vs v%s since %s: bake %gs, max %gs, a look every %gs",
+                      self.step_index, step["percent"], self.rollout["version"], self.rollout["champion"],
+                      self.started_at, step["bake_seconds"], step["max_bake_seconds"], interval)
+        while True:
+            now = bake.now_utc()
+            # Resume the step's own look schedule (after a restart, the next due look).
+            k = max(k, int((now - start).total_seconds() // interval) + 1)
+            due = start + dt.timedelta(seconds=k * interval)
+            await asyncio.sleep(max(0.0, (due - now).total_seconds()))
+            k += 1
+            try:
+                result = await asyncio.to_thread(bake.look, self.rollout, self.step_index, self.started_at, state)
+            except Exception as exc:  # noqa: BLE001 - an unexpected error is one inconclusive look
+                from dayloop.rollout.plan import from_dict
+
+                elapsed = (bake.now_utc() - start).total_seconds()
+                decision, why = bake.decide("inconclusive", elapsed,
+                                            from_dict(plan).steps[self.step_index])
+                result = {"at": bake.now_utc().isoformat(timespec="seconds"), "step": self.step_index,
+                          "percent": step["percent"], "elapsed_s": round(elapsed, 1), "analysis": None,
+                          "ctr_state": state, "decision": decision, "phase": "inconclusive",
+                          "reasons": [r for r in (why, f"look failed: {type(exc).__name__}: {exc}") if r]}
+            state = result.get("ctr_state", state)
+            looks.append({k2: result[k2] for k2 in ("at", "elapsed_s", "phase", "decision")}
+                         | {"reasons": result.get("reasons", [])[:6]})
+            del looks[:-MAX_LOOKS_KEPT]
+            line = bake.summary_line(result)
+            if result["decision"] == bake.CONTINUE:
+                self.log.info(line)
+                continue
+            (self.log.info if result["decision"] == bake.PASSED else self.log.warning)(line)
+            yield TriggerEvent({"step": self.step_index, "decision": result["decision"],
+                                "started_at": self.started_at, "ended_at": result["at"],
+                                "result": result, "looks": looks, "ctr_state": state})
+            return

@@ -1,0 +1,175 @@
+"""One look at a baking canary step: is the rollout still ours, what did Prometheus see over
+the step's window, and what does that decide.
+
+The bake trigger (:mod:`dayloop.airflow.triggers`) calls :func:`look` every
+``analysis_interval_seconds`` from the start of a step, in a thread of the triggerer:
+
+* the route table is read first. If its salt is no longer this rollout's, someone else
+  (the manual rollback DAG, an operator with the admin API) has taken the traffic over:
+  the step ends ``aborted`` and the rollout stops without another write;
+* the window is ``[step start + drain, now - one scrape]``: requests routed before the
+  step's table reached every replica are left out, and the last scrape is complete;
+* :func:`dayloop.rollout.analysis.analyse` judges canary against control (control is absent
+  at the 100 % step: only the absolute guardrails run there).
+
+:func:`decide` turns the analysis phase and the elapsed time into the step's decision:
+a failure ends the step at once, whenever it is seen (early looks at small samples can only
+fail on checks built for that: NaN, the always-valid CTR test); a pass counts only once the
+bake time has elapsed; anything short of a pass by ``max_bake_seconds`` fails safe.
+Prometheus unreachable or a router replica missing scrapes is inconclusive, never healthy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from dayloop.rollout.plan import RolloutPlan, RolloutStep
+
+log = logging.getLogger(__name__)
+
+CONTINUE = "continue"
+PASSED = "pass"
+FAILED = "fail"
+ABORTED = "aborted"
+
+# Width of the half-normal mixture of the CTR test per profile, as measured best by
+# benchmarks/bench_rollout_analysis.py: demo windows only resolve large drops, prod
+# windows are sized for 5-10 % drops.
+MIXTURE_SCALE = {"demo": 0.2, "prod": 0.05}
+
+
+def parse_time(value: str | dt.datetime) -> dt.datetime:
+    """An aware UTC datetime from an ISO string (naive strings are read as UTC)."""
+    t = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def thresholds_for_step(plan: RolloutPlan, step: RolloutStep):
+    """The analysis thresholds of one step: the plan's, plus the step's sample minimums."""
+    from dayloop.rollout.analysis import Thresholds
+
+    profile = plan.name.split("+", 1)[0]
+    values = dict(plan.thresholds)
+    values.update(min_requests=step.min_requests, min_impressions=step.min_impressions,
+                  ctr_mixture_scale=MIXTURE_SCALE.get(profile, 0.1))
+    return Thresholds.from_mapping(values)
+
+
+def version_window(counts: Any):
+    """A Prometheus :class:`~dayloop.rollout.prom.VersionCounts` as the analysis's VersionWindow."""
+    from dayloop.rollout.analysis import Histogram, VersionWindow
+
+    def hist(buckets):
+        return None if buckets is None else Histogram.from_prometheus(buckets)
+
+    return VersionWindow(requests=counts.requests, errors=counts.errors, nonfinite=counts.nonfinite,
+                         impressions=counts.impressions, clicks=counts.clicks,
+                         latency=hist(counts.latency_buckets), scores=hist(counts.score_buckets))
+
+
+def decide(phase: str, elapsed_s: float, step: RolloutStep) -> tuple[str, str | None]:
+    """(decision, why) for one look: ``fail`` at once; ``pass`` once baked; ``fail`` (safe)
+    when nothing better was reached by the step's maximum bake; else ``continue``."""
+    if phase == "fail":
+        return FAILED, None
+    if phase == "pass" and elapsed_s >= step.bake_seconds:
+        return PASSED, None
+    if elapsed_s >= step.max_bake_seconds:
+        return FAILED, (f"no passing analysis after {elapsed_s:.0f} s (max bake {step.max_bake_seconds:g} s): "
+                        f"last phase {phase}; failing safe")
+    return CONTINUE, None
+
+
+def rollout_owns_routes(current: Mapping[str, Any], ctx: Mapping[str, Any]) -> bool:
+    """Does the route table still belong to this rollout (its salt, its canary routed)?"""
+    table = current.get("table") or {}
+    versions = {int(r["version"]) for r in table.get("routes", [])}
+    return table.get("salt") == ctx["salt"] and int(ctx["version"]) in versions
+
+
+def takeover_reason(client: Any, current: Mapping[str, Any]) -> str:
+    """Who wrote the revision that took the traffic from this rollout, and why."""
+    rev = current.get("revision")
+    return (f"route table taken over at revision {rev} by {current.get('actor', '?')} "
+            f"({current.get('created_at', '?')}): {current.get('reason', '')}")
+
+
+def look(ctx: Mapping[str, Any], step_index: int, started_at: str, ctr_state: Mapping[str, Any] | None,
+         now: dt.datetime | None = None) -> dict[str, Any]:
+    """Read the route table and Prometheus once and judge the step. Returns a JSON-safe dict:
+    ``decision`` (continue/pass/fail/aborted), ``phase``, ``elapsed_s``, ``reasons``,
+    ``analysis`` (Analysis.as_dict or None) and the CTR state to carry to the next look."""
+    from dayloop.rollout.analysis import INCONCLUSIVE, CtrState, analyse
+    from dayloop.rollout.plan import from_dict
+    from dayloop.rollout.prom import PrometheusUnavailable, read_window, scrape_health
+    from serving.client import DataPlaneClient
+
+    plan = from_dict(ctx["plan"])
+    step = plan.steps[step_index]
+    now = now or now_utc()
+    start = parse_time(started_at)
+    elapsed = (now - start).total_seconds()
+    out: dict[str, Any] = {"at": now.isoformat(timespec="seconds"), "step": step_index, "percent": step.percent,
+                           "elapsed_s": round(elapsed, 1), "analysis": None, "ctr_state": ctr_state}
+
+    client = DataPlaneClient.from_plane_file(ctx["plane_file"])
+    try:
+        current = client.router.routes()
+    except Exception as exc:  # noqa: BLE001 - the routers unreachable: cannot judge, cannot be healthy
+        return _finish(out, INCONCLUSIVE, [f"route table unreadable: {exc}"], step, elapsed)
+    if not rollout_owns_routes(current, ctx):
+        out.update(decision=ABORTED, phase=ABORTED, reasons=[takeover_reason(client, current)])
+        return out
+
+    scrape = float(ctx.get("scrape_interval_s") or 1.0)
+    window_start = start + dt.timedelta(seconds=plan.drain_seconds)
+    window_end = now - dt.timedelta(seconds=scrape + 0.5)
+    if window_end <= window_start:
+        return _finish(out, INCONCLUSIVE, ["window not open yet (drain)"], step, elapsed)
+    canary, control = int(ctx["version"]), int(ctx["champion"])
+    prom_url = ctx["prom_url"]
+    try:
+        health = scrape_health(prom_url, start=window_start, end=window_end, scrape_interval_seconds=scrape)
+        counts = read_window(prom_url, [canary, control], window_start, window_end,
+                             scrape_interval_seconds=scrape)
+    except PrometheusUnavailable as exc:
+        return _finish(out, INCONCLUSIVE, [f"Prometheus unavailable: {exc}"], step, elapsed)
+    state = CtrState.from_dict(ctr_state) if ctr_state else None
+    thresholds = thresholds_for_step(plan, step)
+    control_window = version_window(counts[control]) if step.percent < 100 else None
+    analysis = analyse(version_window(counts[canary]), control_window, thresholds, state, step=step_index)
+    reasons = list(analysis.reasons)
+    phase = analysis.phase
+    if not health["healthy"]:
+        reasons.append(f"router scrapes incomplete in the window: {health['up']}/{health['total']} targets "
+                       f"up throughout ({health['targets']})")
+        if phase == "pass":
+            phase = INCONCLUSIVE
+    out["analysis"] = analysis.as_dict()
+    out["ctr_state"] = analysis.ctr_state.to_dict() if analysis.ctr_state is not None else ctr_state
+    return _finish(out, phase, reasons, step, elapsed)
+
+
+def _finish(out: dict[str, Any], phase: str, reasons: list[str], step: RolloutStep, elapsed: float) -> dict[str, Any]:
+    decision, why = decide(phase, elapsed, step)
+    if why:
+        reasons = [why, *reasons]
+    out.update(decision=decision, phase=phase, reasons=reasons)
+    return out
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    """One log line for a look: decision, phase and every check's message."""
+    head = (f"step {result['step']} ({result['percent']:g}%) at {result['elapsed_s']:.0f}s: "
+            f"{result['decision'].upper()} (analysis {result['phase']})")
+    analysis = result.get("analysis") or {}
+    checks = [f"{c['name']}={c['phase']}: {c['message']}" for c in analysis.get("checks", [])]
+    extra = [r for r in result.get("reasons", []) if not any(r.endswith(c["message"]) for c in analysis.get("checks", []))]
+    return " | ".join([head, *extra, *checks])

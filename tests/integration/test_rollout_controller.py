@@ -1,0 +1,239 @@
+"""The rollout controller (what the daily DAG's rollout tasks call) against the real data
+plane, a real Prometheus and a real MLflow registry, with simulated users running:
+a healthy canary is promoted through every step, a NaN-emitting canary is rolled back at
+its first step, a manual rollback during a ramp wins and the rollout stops without fighting
+it, and bad rollback requests change nothing. The DAG wiring itself (operator, trigger in
+the triggerer, trigger rules) is covered under the real scheduler in tests/e2e."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from dayloop.config import load_settings
+from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_INDEX_PREFIX, Registry
+from dayloop.rollout import bake, controller, manual
+from dayloop.rollout.deploy import RolloutAborted
+from dayloop.simulation.panel import write_panel
+from serving.client import DataPlaneClient
+from serving.launch import DataPlane, PlaneConfig
+from serving_helpers import free_port, make_bundle, make_index, serving_python
+
+pytestmark = pytest.mark.integration
+
+USERS = (np.arange(1, 201) * 7).astype(np.int64)  # the test bundles' user ids
+FAST = {"rollout_profile": "demo",
+        "rollout_overrides": {"bake_seconds": 6, "max_bake_seconds": 45, "min_requests": 15, "min_impressions": 15}}
+
+
+def _top_items(bundle_dir, users, k):
+    import torch
+
+    tower = torch.jit.load(str(bundle_dir / "serving_tower.pt"))
+    with torch.no_grad():
+        u = tower(torch.from_numpy(users.reshape(-1, 1))).numpy()
+    items = np.load(bundle_dir / "item_embeddings.npy")
+    ids = np.load(bundle_dir / "item_ids.npy")
+    return ids[np.argsort(-(u @ items.T), axis=1)[:, :k]]
+
+
+def _register(reg: Registry, ds: str, bundle, index_dir) -> int:
+    ref = reg.register_bundle(ds, bundle, {"seed": 0}, {"final_loss": 1.0}, {"dayloop.logical_date": ds})
+    meta = json.loads((index_dir / "index_meta.json").read_text())
+    reg.set_tags(ref.version, {"gate.offline.decision": "pass", f"{TAG_INDEX_PREFIX}status": "ready",
+                               f"{TAG_INDEX_PREFIX}uri": str(index_dir),
+                               f"{TAG_INDEX_PREFIX}fingerprint": meta["fingerprint"]})
+    return int(ref.version)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dayloop-home")
+    saved = {k: os.environ.get(k) for k in ("DAYLOOP_HOME", "MLFLOW_TRACKING_URI", "DAYLOOP_PLANE_FILE")}
+    os.environ["DAYLOOP_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    settings = load_settings()
+    art = tmp_path_factory.mktemp("art")
+    reg = Registry(settings)
+    # Four versions of one model (same seed): any of them is as good as another online, so a
+    # canary fails only by what the test does to it.
+    bundle = make_bundle(art / "b", seed=1)
+    index = make_index(bundle, art / "i")
+    v = [_register(reg, f"2026-04-0{i + 1}", bundle, index) for i in range(4)]
+    reg.set_alias(CHAMPION, v[0])
+    reg.set_tags(v[0], {"dayloop.promotion": "bootstrap"})
+    # Users like what this model ranks top-10 for them, so every arm earns clicks.
+    panel = write_panel(art / "panel.npz", USERS, list(_top_items(bundle, USERS, 10)), {"source": "test"})
+    cfg = PlaneConfig(home=tmp_path_factory.mktemp("plane"), python=serving_python(),
+                      triton_http=free_port(), triton_grpc=free_port(), triton_metrics=free_port(),
+                      index_port=free_port(), router_ports=(free_port(), free_port()),
+                      prometheus_port=free_port(), faults_enabled=True)
+    plane = DataPlane(cfg)
+    try:
+        plane.start()
+        os.environ["DAYLOOP_PLANE_FILE"] = str(plane.write_plane_file())
+        client = DataPlaneClient.from_plane_file(os.environ["DAYLOOP_PLANE_FILE"])
+        from dayloop.rollout.serving import serve_only
+
+        serve_only(settings, client, v[0], actor="test", reason="bootstrap champion")
+        stats = cfg.home / "sim.json"
+        plane.start_simulator(panel, rate=40, stats_file=stats)
+        yield {"settings": settings, "reg": reg, "client": client, "plane": plane, "stats": stats, "v": v}
+    finally:
+        plane.stop()
+        for k, val in saved.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
+
+
+def _bake(ctx: dict, index: int, started_at: str, state=None) -> dict:
+    """What the bake trigger does: look every interval until the step is decided."""
+    interval = ctx["plan"]["analysis_interval_seconds"]
+    t0 = bake.parse_time(started_at)
+    k = 1
+    while True:
+        due = t0.timestamp() + k * interval
+        time.sleep(max(0.0, due - time.time()))
+        k += 1
+        result = bake.look(ctx, index, started_at, state)
+        state = result["ctr_state"]
+        if result["decision"] != bake.CONTINUE:
+            return result
+
+
+def _record(ctx, index, result):
+    return {"index": index, "percent": ctx["plan"]["steps"][index]["percent"], "decision": result["decision"],
+            "started_at": "", "ended_at": result["at"], "result": result, "looks": []}
+
+
+def _failed(world) -> dict:
+    return json.loads(world["stats"].read_text())["failed"]
+
+
+def test_a_healthy_canary_is_promoted_through_every_step(world):
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    ctx = controller.start_rollout(s, {"version": v[1], "alias": "challenger"}, FAST, "test")
+    assert ctx["mode"] == "canary" and ctx["champion"] == v[0]
+    assert int(reg.alias_version(CHALLENGER).version) == v[1]
+    started, state, steps = ctx["started_at"], None, []
+    for i, step in enumerate(ctx["plan"]["steps"]):
+        result = _bake(ctx, i, started, state)
+        assert result["decision"] == "pass", bake.summary_line(result)
+        checks = {c["name"]: c["phase"] for c in result["analysis"]["checks"]}
+        assert set(checks.values()) == {"pass"}, checks
+        if step["percent"] < 100:
+            assert {"ctr", "score_drift", "latency_p99_vs_control"} <= set(checks)
+        controller.record_step(s, ctx, _record(ctx, i, result))
+        steps.append(result)
+        state = result["ctr_state"]
+        if i + 1 < len(ctx["plan"]["steps"]):
+            started = controller.route_next_step(s, ctx, i + 1, "test")
+            shares = client.router.routes()["table"]
+            assert shares["salt"] == ctx["salt"]
+    promoted = controller.promote_rollout(s, ctx, {"outcome": "passed"}, "test")
+    assert promoted["promoted"] and promoted["previous"] == v[0]
+    assert client.router.routes()["table"]["routes"] == [{"start": 0, "end": 10000, "version": v[1]}]
+    assert int(reg.alias_version(CHAMPION).version) == v[1]
+    assert int(reg.alias_version(PREVIOUS).version) == v[0]
+    assert reg.alias_version(CHALLENGER) is None
+    tags = dict(reg.get_version(v[1]).tags)
+    assert tags["dayloop.rollout.status"] == "promoted"
+    assert all(tags[f"dayloop.rollout.step{i}"].startswith("pass") for i in range(3))
+    retired = controller.retire_previous(s, ctx, promoted)
+    assert retired["retired"] == v[0] and v[0] not in client.triton.ready_versions()
+    assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_a_canary_emitting_nan_is_rolled_back_at_its_first_step(world):
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    champion = int(reg.alias_version(CHAMPION).version)
+    ctx = controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+    client.router.set_fault(v[2], nan_rate=1.0)
+    try:
+        t0 = time.monotonic()
+        result = _bake(ctx, 0, ctx["started_at"])
+        assert result["decision"] == "fail"
+        assert {c["name"]: c["phase"] for c in result["analysis"]["checks"]}["nonfinite"] == "fail"
+        reason = controller.fail_step(s, ctx, _record(ctx, 0, result))
+        out = controller.rollback_rollout(s, {"version": v[2]}, ctx, "test")
+        onset_to_champion = time.monotonic() - t0
+    finally:
+        client.router.clear_faults()
+    assert out["rolled_back"] and out["routed"] and "nonfinite" in reason
+    assert client.router.routes()["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    tags = dict(reg.get_version(v[2]).tags)
+    assert tags["dayloop.rollout.status"] == "rolled_back" and "nonfinite" in tags["dayloop.rollout.reason"]
+    assert reg.alias_version(CHALLENGER) is None and int(reg.alias_version(CHAMPION).version) == champion
+    assert v[2] not in client.triton.ready_versions()
+    assert onset_to_champion < 60
+    with pytest.raises(controller.RolloutNotAllowed, match="already rolled out"):
+        controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+    assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_bad_manual_rollback_requests_change_nothing(world):
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    before = (client.router.routes()["revision"], reg.alias_version(CHAMPION).version,
+              reg.alias_version(PREVIOUS).version)
+    bad = [dict(model="other_model", target="previous", reason="valid reason"),
+           dict(model=None, target="previous", reason="no"),
+           dict(model=None, target="999", reason="unknown version"),
+           dict(model=None, target="v1", reason="not a version"),
+           dict(model=None, target=str(v[2]), reason="rolled back, never champion"),
+           dict(model=None, target=str(v[3]), reason="never deployed at all")]
+    for req in bad:
+        with pytest.raises(manual.RollbackRefused):
+            manual.execute_rollback(s, client, actor="test", **req)
+    after = (client.router.routes()["revision"], reg.alias_version(CHAMPION).version,
+             reg.alias_version(PREVIOUS).version)
+    assert after == before
+    dry = manual.execute_rollback(s, client, model=None, target="previous", reason="dry run check", actor="t",
+                                  dry_run=True)
+    assert dry["dry_run"] and not dry["changed"] and dry["target"] == int(before[2])
+    assert client.router.routes()["revision"] == before[0]
+
+
+def test_a_manual_rollback_during_a_ramp_wins_and_the_rollout_stops(world):
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    champion = int(reg.alias_version(CHAMPION).version)
+    previous = int(reg.alias_version(PREVIOUS).version)
+    ctx = controller.start_rollout(s, {"version": v[3], "alias": "challenger"}, FAST, "test")
+    with pytest.raises(controller.RolloutInFlight):
+        controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+    t0 = time.monotonic()
+    out = manual.execute_rollback(s, client, model=None, target="previous", reason="bad numbers on v-next",
+                                  actor="alice")
+    elapsed = time.monotonic() - t0
+    assert out["changed"] and out["target"] == previous and out["canary_in_flight"] == v[3]
+    assert elapsed < 60
+    table = client.router.routes()
+    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": previous}]
+    assert table["actor"] == "manual_rollback/alice" and "bad numbers" in table["reason"]
+    # The rollout sees the foreign table at its next look, and cannot write over it.
+    result = bake.look(ctx, 0, ctx["started_at"], None)
+    assert result["decision"] == "aborted" and "manual_rollback/alice" in result["reasons"][0]
+    with pytest.raises(RolloutAborted):
+        controller.route_next_step(s, ctx, 1, "test")
+    controller.fail_step(s, ctx, _record(ctx, 0, result))
+    rb = controller.rollback_rollout(s, {"version": v[3]}, ctx, "test")
+    assert rb["rolled_back"] and not rb["routed"]
+    assert client.router.routes()["revision"] == table["revision"]
+    with pytest.raises(controller.RolloutFailed, match="aborted"):
+        controller.finish_rollout(s, {"version": v[3]}, ctx, [_record(ctx, 0, result)], None, rb,
+                                  world["plane"].cfg.home / "report")
+    assert int(reg.alias_version(CHAMPION).version) == previous
+    assert int(reg.alias_version(PREVIOUS).version) == champion
+    assert reg.alias_version(CHALLENGER) is None
+    tags = dict(reg.get_version(previous).tags)
+    assert tags["dayloop.manual_rollback.actor"] == "alice"
+    assert tags["dayloop.manual_rollback.reason"] == "bad numbers on v-next"
+    assert dict(reg.get_version(v[3]).tags)["dayloop.rollout.status"] == "aborted"
+    assert v[3] not in client.triton.ready_versions()
+    time.sleep(1.0)
+    assert sum(_failed(world).values()) == 0, _failed(world)

@@ -1,0 +1,192 @@
+"""fetch_series against a real Prometheus scraping two real router-metric exporters
+(serving.router.metrics.RouterMetrics in the serving venv) moved at known rates, then the
+report rendered from what came back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from dayloop.rollout.plan import PROFILES
+from dayloop.rollout.report import fetch_series, render_report
+from serving.prometheus.render import render_config
+from serving_helpers import Service, free_port, serving_python
+
+pytestmark = pytest.mark.integration
+
+PROMETHEUS = shutil.which("prometheus")
+needs_prometheus = pytest.mark.skipif(not PROMETHEUS, reason="prometheus not installed")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A router replica's metrics (the real RouterMetrics class), plus POST /event to move them:
+# {"version": "1", "requests": n, "errors": {"reason": n}, "latency": [[seconds, n]],
+#  "share": fraction, ...}.
+EXPORTER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from serving.router.metrics import RouterMetrics
+
+m = RouterMetrics()
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, code, body, ctype="text/plain"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/metrics":
+            self._send(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
+        else:
+            self._send(404, b"not found")
+
+    def do_POST(self):
+        e = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        v = e["version"]
+        for name in ("requests", "nonfinite", "impressions", "clicks"):
+            if e.get(name):
+                getattr(m, name).labels(version=v).inc(e[name])
+        for reason, n in e.get("errors", {}).items():
+            m.errors.labels(version=v, reason=reason).inc(n)
+        for value, n in e.get("latency", []):
+            for _ in range(n):
+                m.latency.labels(version=v).observe(value)
+        if "share" in e:
+            m.share.labels(version=v).set(e["share"])
+        self._send(200, b"ok")
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+CONTROL, CANARY, IDLE = 1, 2, 3
+SECONDS = 15
+# What each of the two replicas gets every second: control clean, canary failing a quarter
+# of its attempts, slower, clicked a little more. Per second across both replicas: control
+# 20 requests, 4 clicks / 20 impressions; canary 8 requests, 2 errors, 2 clicks / 8 impressions.
+EVERY_SECOND = [
+    {"version": str(CONTROL), "requests": 10, "impressions": 10, "clicks": 2, "latency": [[0.004, 10]]},
+    {"version": str(CANARY), "requests": 4, "errors": {"timeout": 1}, "impressions": 4, "clicks": 1,
+     "latency": [[0.09, 4]]},
+]
+RATE = {CONTROL: 20.0, CANARY: 8.0}
+CTR = {CONTROL: 0.2, CANARY: 0.25}
+SHARE = {CONTROL: 0.8, CANARY: 0.2}
+
+
+def _post(port: int, event: dict) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/event", data=json.dumps(event).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+def _prom_value(prom_port: int, query: str) -> float | None:
+    url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        result = json.loads(resp.read())["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def _settled(points, since: float, until: float) -> list[float]:
+    """Values whose whole rate window lies inside the traffic."""
+    return [v for t, v in points if since <= t <= until]
+
+
+@needs_prometheus
+def test_fetch_series_reads_what_the_routers_did_and_the_report_plots_it(tmp_path):
+    ports = {"a": free_port(), "b": free_port()}
+    prom_port = free_port()
+    prom_url = f"http://127.0.0.1:{prom_port}"
+    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", EXPORTER, str(p)], tmp_path)
+                 for r, p in ports.items()}
+    config = render_config(tmp_path / "conf", [f"127.0.0.1:{p}" for p in ports.values()],
+                           index_service=None, triton=None, scrape_interval="1s")
+    prom = Service("prometheus", [PROMETHEUS, f"--config.file={config}",
+                                  f"--web.listen-address=127.0.0.1:{prom_port}",
+                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}"], tmp_path)
+    try:
+        for r, e in exporters.items():
+            e.wait_http(f"http://127.0.0.1:{ports[r]}/metrics", timeout=30)
+        prom.wait_http(f"{prom_url}/-/ready", timeout=30)
+        for port in ports.values():
+            for v, share in SHARE.items():
+                _post(port, {"version": str(v), "share": share})
+        # Prometheus picks its targets up a few seconds after it is ready: wait until both
+        # replicas are scraped, or the first seconds of traffic would predate every sample.
+        deadline = time.monotonic() + 20
+        while _prom_value(prom_port, "count(dayloop_router_route_share)") != 2 * len(SHARE):
+            assert time.monotonic() < deadline, prom.log_tail()
+            time.sleep(0.2)
+
+        start = datetime.now(timezone.utc)
+        t0 = time.monotonic()
+        for i in range(SECONDS):
+            time.sleep(max(0.0, t0 + i - time.monotonic()))
+            for port in ports.values():
+                for event in EVERY_SECOND:
+                    _post(port, event)
+            if i == 5:
+                # One NaN: it creates the canary's series at 1, which plain rate() never sees.
+                _post(ports["a"], {"version": str(CANARY), "nonfinite": 1})
+        traffic_end = datetime.now(timezone.utc)
+        time.sleep(3.0)  # the last bursts scraped
+        end = datetime.now(timezone.utc)
+        series = fetch_series(prom_url, [CONTROL, CANARY, IDLE], start - timedelta(seconds=5), end, step_s=1.0)
+    finally:
+        prom.stop()
+        for e in exporters.values():
+            e.stop()
+
+    assert set(series) == {"request_rate", "error_ratio", "p99_latency_s", "nonfinite_rate", "ctr",
+                           "route_share"}
+    for key, per_version in series.items():
+        assert IDLE not in per_version, key  # no traffic, no series: no entry
+    # The rate window is max(4 x 1 s, 10 s): 10 s; from then on it lies inside the traffic.
+    since, until = start.timestamp() + 11.0, traffic_end.timestamp()
+    assert until - since >= 2.0
+    for v in (CONTROL, CANARY):
+        rates = _settled(series["request_rate"][v], since, until)
+        assert rates, series["request_rate"][v]
+        # A 10 s window holds 10 or 11 of the once-a-second bursts, and increase() extrapolates
+        # to the window's edges: each point within 20%, the middle one within 10%.
+        assert all(r == pytest.approx(RATE[v], rel=0.2) for r in rates), rates
+        assert statistics.median(rates) == pytest.approx(RATE[v], rel=0.1), rates
+        ctr = _settled(series["ctr"][v], since, until)
+        assert statistics.median(ctr) == pytest.approx(CTR[v], abs=0.04), ctr
+        shares = [s for _, s in series["route_share"][v]]
+        assert shares and all(s == pytest.approx(SHARE[v]) for s in shares), shares  # averaged, not summed
+    # The clean version has no errors series at all; it still reads 0, never missing.
+    control_errors = [r for _, r in series["error_ratio"][CONTROL]]
+    assert control_errors and all(r == 0.0 for r in control_errors)
+    canary_errors = _settled(series["error_ratio"][CANARY], since, until)
+    assert canary_errors and all(r > 0 for r in canary_errors)
+    assert statistics.median(canary_errors) == pytest.approx(0.25, abs=0.05)
+    # Latency buckets: control's 4 ms lands in (3 ms, 5 ms], canary's 90 ms in (75 ms, 100 ms].
+    control_p99 = _settled(series["p99_latency_s"][CONTROL], since, until)
+    canary_p99 = _settled(series["p99_latency_s"][CANARY], since, until)
+    assert control_p99 and all(0.003 < p <= 0.005 for p in control_p99), control_p99
+    assert canary_p99 and all(0.075 < p <= 0.1 for p in canary_p99), canary_p99
+    assert max(v for _, v in series["nonfinite_rate"][CANARY]) > 0
+    assert all(v == 0.0 for _, v in series["nonfinite_rate"][CONTROL])
+
+    steps = [{"index": 0, "percent": 20.0, "started_at": start.isoformat(),
+              "ended_at": traffic_end.isoformat(), "decision": "fail", "looks": [], "analysis": None}]
+    rollout = {"version": CANARY, "champion": CONTROL, "salt": "v2-test", "plan": PROFILES["demo"].to_dict(),
+               "outcome": "rolled_back", "reason": "error ratio"}
+    html_path = render_report(tmp_path / "report", rollout, steps, series)
+    text = html_path.read_text()
+    assert "Rollout of v2 vs champion v1: ROLLED_BACK" in text and "data:image/png;base64," in text
+    assert (tmp_path / "report" / "rollout_metrics.png").read_bytes().startswith(PNG_MAGIC)
