@@ -32,4 +32,10 @@ export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-INFO}
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT}"
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
+# The embedded stack's rollouts use the demo plan (seconds per step); a production
+# deployment sets prod (hours). A run's Params can choose either.
+export DAYLOOP_ROLLOUT_PROFILE="${DAYLOOP_ROLLOUT_PROFILE:-demo}"
+# Router fault injection (canary NaN/latency/errors) for demos and tests only.
+export DAYLOOP_FAULT_INJECTION="${DAYLOOP_FAULT_INJECTION:-0}"
+
 export PATH="$DAYLOOP_VENV/bin:$PATH"

@@ -54,10 +54,17 @@ case "${1:-status}" in
     stop_service airflow
     stop_service mlflow
     ;;
+  restart-airflow)
+    # Scheduler, triggerer, DAG processor and API server together (MLflow keeps running):
+    # runs and deferred tasks survive in the metadata database and resume.
+    stop_service airflow
+    start_service airflow airflow standalone
+    wait_http airflow "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" 240
+    ;;
   status)
     for s in mlflow airflow; do
       if alive "$s"; then echo "$s: running (pgid $(cat "$(pidfile "$s")"))"; else echo "$s: stopped"; fi
     done
     ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart-airflow|status" >&2; exit 2 ;;
 esac

@@ -43,6 +43,7 @@ def version_rows(settings: Settings) -> list[dict[str, str]]:
             "popularity ndcg@10": _fmt(tags.get("gate.offline.popularity.ndcg_at_10")),
             "psi": _fmt(tags.get("gate.offline.psi")),
             "index": f"{tags.get('dayloop.index.kind', '-')} r@100={_fmt(tags.get('dayloop.index.recall_at_100'))}",
+            "rollout": tags.get("dayloop.rollout.status", "-"),
         })
     return rows
 

@@ -56,7 +56,9 @@ def world(tmp_path_factory):
 # world two healthy consecutive retrains differ by up to ~10% NDCG@10 (training variance
 # the per-user paired test does not see), so these runs set the margin from the trigger
 # form as an operator would. A shuffled-id model still fails by far (lift and p-value).
-SYNTHETIC_CONF = {"noninferiority_margin": 0.3}
+# `deploy: false`: this file is about the offline half, with no data plane running; the
+# rollout tasks still run and must say "not deployed" without failing the run.
+SYNTHETIC_CONF = {"noninferiority_margin": 0.3, "deploy": False}
 
 
 def run_day(world, n: int, faults: str = "", conf: dict | None = None) -> dict:
@@ -91,7 +93,8 @@ def alias(reg, name):
 def test_day0_bootstraps_a_champion(world):
     result = run_day(world, 0)
     assert result["state"] == "success", result["log"][-5000:]
-    assert set(result["tasks"].values()) == {"success"}
+    # The rollback task only runs when a rollout task failed.
+    assert {t: s for t, s in result["tasks"].items() if s != "success"} == {"rollout.rollback_canary": "skipped"}
     reg = registry(world)
     found = versions(reg)
     assert list(found) == ["1"]
@@ -163,3 +166,12 @@ def test_broken_index_fails_the_index_gate(world):
     assert tags["dayloop.index.status"] == "failed"
     assert "recall" in tags["dayloop.index.reason"]
     assert (alias(reg, "champion"), alias(reg, "challenger")) == ("1", "2")
+
+
+def test_a_bad_rollout_override_fails_before_any_data_is_touched(world):
+    result = run_day(world, 5, conf={**SYNTHETIC_CONF, "deploy": True, "rollout_overrides": {"bake_secs": 5}})
+    assert result["state"] == "failed"
+    assert result["tasks"]["check_rollout_plan"] == "failed"
+    assert result["tasks"]["data_gate.land_partition"] in ("upstream_failed", "None", "none")
+    assert "bake_secs" in result["log"]
+    assert not (world["home"] / "landing" / "interactions" / f"ds={_day(5)}").exists()
