@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -263,10 +264,11 @@ def test_1_the_scheduled_run_bootstraps_the_champion_and_serves_it(loop, registr
     # Now the users arrive: the synthetic world's users, clicking what they truly like.
     panel = loop["var"] / "serving" / "panel.npz"
     env = dict(loop["env"], DAYLOOP_HOME=str(loop["var"] / "dayloop"))
-    subprocess.run([str(Path(os.sys.executable)), "-m", "dayloop.simulation.panel", "--synthetic", "--out",
+    subprocess.run([sys.executable, "-m", "dayloop.simulation.panel", "--synthetic", "--out",
                     str(panel), "--ds", day], env=env, check=True, capture_output=True, timeout=120)
-    loop["plane"].start_simulator(panel, rate=20, stats_file=loop["var"] / "serving" / "simulator.json")
-    time.sleep(3)
+    stats = loop["var"] / "serving" / "simulator.json"
+    loop["plane"].start_simulator(panel, rate=20, stats_file=stats)
+    _wait(lambda: stats.is_file() and json.loads(stats.read_text()).get("ok", 0) > 0, 60, "the first answered users")
     assert _user_failures(loop) == {}
 
 

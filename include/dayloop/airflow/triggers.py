@@ -78,7 +78,7 @@ class BakeTrigger(BaseTrigger):
                 self.log.info(line)
                 continue
             (self.log.info if result["decision"] == bake.PASSED else self.log.warning)(line)
-            yield TriggerEvent({"step": self.step_index, "decision": result["decision"],
-                                "started_at": self.started_at, "ended_at": result["at"],
-                                "result": result, "looks": looks, "ctr_state": state})
+            yield TriggerEvent(bake.plain({"step": self.step_index, "decision": result["decision"],
+                                           "started_at": self.started_at, "ended_at": result["at"],
+                                           "result": result, "looks": looks, "ctr_state": state}))
             return

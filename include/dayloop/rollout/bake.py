@@ -126,7 +126,7 @@ def look(ctx: Mapping[str, Any], step_index: int, started_at: str, ctr_state: Ma
         return _finish(out, INCONCLUSIVE, [f"route table unreadable: {exc}"], step, elapsed)
     if not rollout_owns_routes(current, ctx):
         out.update(decision=ABORTED, phase=ABORTED, reasons=[takeover_reason(client, current)])
-        return out
+        return plain(out)
 
     scrape = float(ctx.get("scrape_interval_s") or 1.0)
     window_start = start + dt.timedelta(seconds=plan.drain_seconds)
@@ -162,7 +162,19 @@ def _finish(out: dict[str, Any], phase: str, reasons: list[str], step: RolloutSt
     if why:
         reasons = [why, *reasons]
     out.update(decision=decision, phase=phase, reasons=reasons)
-    return out
+    return plain(out)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars turned into Python numbers: a trigger event is msgpack-encoded
+    by the triggerer, which refuses numpy types (the task would fail with "Trigger failure")."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and type(value).__module__ == "numpy":
+        return value.item()
+    return value
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
