@@ -123,3 +123,64 @@ class Service:
 def read_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
+
+
+# A router replica's metrics (the real RouterMetrics class) on GET /metrics, plus POST / to
+# move them: {"version": "1", "requests": n, "nonfinite": n, "impressions": n, "clicks": n,
+# "fallbacks": n, "errors": {"reason": n}, "latency": [[seconds, n]], "score": [[value, n]],
+# "share": fraction}. Run it with serving_python() -c ROUTER_METRICS_EXPORTER <port>.
+ROUTER_METRICS_EXPORTER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from serving.router.metrics import RouterMetrics
+
+m = RouterMetrics()
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, code, body, ctype="text/plain"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/metrics":
+            self._send(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
+        else:
+            self._send(404, b"not found")
+
+    def do_POST(self):
+        e = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        v = e["version"]
+        for name in ("requests", "nonfinite", "impressions", "clicks", "fallbacks"):
+            if e.get(name):
+                getattr(m, name).labels(version=v).inc(e[name])
+        for reason, n in e.get("errors", {}).items():
+            m.errors.labels(version=v, reason=reason).inc(n)
+        for hist, key in ((m.latency, "latency"), (m.score, "score")):
+            for value, n in e.get(key, []):
+                for _ in range(n):
+                    hist.labels(version=v).observe(value)
+        if "share" in e:
+            m.share.labels(version=v).set(e["share"])
+        self._send(200, b"ok")
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+def top_items(bundle_dir: Path, users, k: int):
+    """What a bundle's serving tower + item embeddings rank top-``k`` for each user (in-process)."""
+    import torch
+
+    tower = torch.jit.load(str(bundle_dir / "serving_tower.pt"))
+    with torch.no_grad():
+        u = tower(torch.from_numpy(np.asarray(users).reshape(-1, 1))).numpy()
+    items = np.load(bundle_dir / "item_embeddings.npy")
+    ids = np.load(bundle_dir / "item_ids.npy")
+    return ids[np.argsort(-(u @ items.T), axis=1)[:, :k]]

@@ -41,7 +41,7 @@ FAST = {"bake_seconds": [15, 15, 12], "max_bake_seconds": [90, 90, 90],
         "min_requests": [20, 60, 80], "min_impressions": [20, 60, 80]}
 # Margin for the small synthetic world (see tests/integration/test_daily_refresh_dagtest.py).
 BASE = {"noninferiority_margin": 0.3, "rollout_profile": "demo"}
-SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "manual", "refused"]
+SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "manual"]
 
 
 def _free_port() -> int:
@@ -82,8 +82,12 @@ def loop(tmp_path_factory):
 
     var = tmp_path_factory.mktemp("e2e-loop")
     today = dt.datetime.now(dt.timezone.utc).date()
-    days = {"bootstrap": today - dt.timedelta(days=1)}
-    days.update({name: today + dt.timedelta(days=i) for i, name in enumerate(SCENARIOS)})
+    # The scheduler starts runs only for logical dates in the past, so the scenarios take the
+    # days before yesterday (the scheduled bootstrap's day); the replay calendar starts there.
+    first = today - dt.timedelta(days=len(SCENARIOS) + 1)
+    days = {"bootstrap": today - dt.timedelta(days=1), "refused": today}
+    days.update({name: first + dt.timedelta(days=i) for i, name in enumerate(SCENARIOS)})
+    assert days["manual"] == today - dt.timedelta(days=2)
     alerts = AlertSink()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "DAYLOOP"))}
     env.update({
@@ -93,7 +97,7 @@ def loop(tmp_path_factory):
         "DAYLOOP_SOURCE": "synthetic",
         "DAYLOOP_TRAIN_WINDOW_DAYS": "14",
         "DAYLOOP_SYNTH_USERS": "1500",
-        "DAYLOOP_REPLAY_START": days["bootstrap"].isoformat(),
+        "DAYLOOP_REPLAY_START": first.isoformat(),
         "DAYLOOP_ROLLOUT_PROFILE": "demo",
         "DAYLOOP_PLANT_FAULTS": f"{days['worse']}:serving_skew",
         "AIRFLOW_CONN_DAYLOOP_ALERT_WEBHOOK": json.dumps({"conn_type": "http", "host": alerts.url}),

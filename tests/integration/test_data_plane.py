@@ -15,24 +15,13 @@ from dayloop.simulation.panel import write_panel
 from serving.client import DataPlaneClient, RouteConflict
 from serving.launch import DataPlane, PlaneConfig
 from serving.routing import canary_table, single_version_table
-from serving_helpers import free_port, make_bundle, make_index, serving_python
+from serving_helpers import free_port, make_bundle, make_index, serving_python, top_items
 
 pytestmark = pytest.mark.integration
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 USERS = (np.arange(1, 201) * 7).astype(np.int64)  # the bundles' user ids
-
-
-def _top_items(bundle_dir, users, k):
-    import torch
-
-    tower = torch.jit.load(str(bundle_dir / "serving_tower.pt"))
-    with torch.no_grad():
-        u = tower(torch.from_numpy(users.reshape(-1, 1))).numpy()
-    items = np.load(bundle_dir / "item_embeddings.npy")
-    ids = np.load(bundle_dir / "item_ids.npy")
-    return ids[np.argsort(-(u @ items.T), axis=1)[:, :k]]
 
 
 def _index_meta(ix):
@@ -54,7 +43,7 @@ def plane(tmp_path_factory):
         versions[v] = (b, make_index(b, art / f"i{v}"))
     # The users' "future interactions" are what v1 ranks top-10 for them (computed in-process),
     # so v1 is the better model for this panel and v2 (another random model) a worse one.
-    panel = write_panel(art / "panel.npz", USERS, list(_top_items(versions[1][0], USERS, 10)),
+    panel = write_panel(art / "panel.npz", USERS, list(top_items(versions[1][0], USERS, 10)),
                         {"source": "test: v1's own top-10"})
     try:
         dp.start()

@@ -21,24 +21,13 @@ from dayloop.rollout.deploy import RolloutAborted
 from dayloop.simulation.panel import write_panel
 from serving.client import DataPlaneClient
 from serving.launch import DataPlane, PlaneConfig
-from serving_helpers import free_port, make_bundle, make_index, serving_python
+from serving_helpers import free_port, make_bundle, make_index, serving_python, top_items
 
 pytestmark = pytest.mark.integration
 
 USERS = (np.arange(1, 201) * 7).astype(np.int64)  # the test bundles' user ids
 FAST = {"rollout_profile": "demo",
         "rollout_overrides": {"bake_seconds": 6, "max_bake_seconds": 45, "min_requests": 15, "min_impressions": 15}}
-
-
-def _top_items(bundle_dir, users, k):
-    import torch
-
-    tower = torch.jit.load(str(bundle_dir / "serving_tower.pt"))
-    with torch.no_grad():
-        u = tower(torch.from_numpy(users.reshape(-1, 1))).numpy()
-    items = np.load(bundle_dir / "item_embeddings.npy")
-    ids = np.load(bundle_dir / "item_ids.npy")
-    return ids[np.argsort(-(u @ items.T), axis=1)[:, :k]]
 
 
 def _register(reg: Registry, ds: str, bundle, index_dir) -> int:
@@ -67,7 +56,7 @@ def world(tmp_path_factory):
     reg.set_alias(CHAMPION, v[0])
     reg.set_tags(v[0], {"dayloop.promotion": "bootstrap"})
     # Users like what this model ranks top-10 for them, so every arm earns clicks.
-    panel = write_panel(art / "panel.npz", USERS, list(_top_items(bundle, USERS, 10)), {"source": "test"})
+    panel = write_panel(art / "panel.npz", USERS, list(top_items(bundle, USERS, 10)), {"source": "test"})
     cfg = PlaneConfig(home=tmp_path_factory.mktemp("plane"), python=serving_python(),
                       triton_http=free_port(), triton_grpc=free_port(), triton_metrics=free_port(),
                       index_port=free_port(), router_ports=(free_port(), free_port()),

@@ -16,57 +16,13 @@ import pytest
 
 from dayloop.rollout.prom import PrometheusUnavailable, read_window, scrape_health, window_seconds
 from serving.prometheus.render import render_config
-from serving_helpers import Service, free_port, serving_python
+from serving_helpers import ROUTER_METRICS_EXPORTER, Service, free_port, serving_python
 
 pytestmark = pytest.mark.integration
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(not PROMETHEUS, reason="prometheus not installed")
 SCRAPE_S = 1.0
-
-# A router replica's metrics (the real RouterMetrics class), plus POST /event to move them:
-# {"version": "1", "requests": n, "errors": {"reason": n}, "latency": [[seconds, n]], ...}.
-EXPORTER = r'''
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from serving.router.metrics import RouterMetrics
-
-m = RouterMetrics()
-
-class Handler(BaseHTTPRequestHandler):
-    def _send(self, code, body, ctype="text/plain"):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path == "/metrics":
-            self._send(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
-        else:
-            self._send(404, b"not found")
-
-    def do_POST(self):
-        e = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        v = e["version"]
-        for name in ("requests", "nonfinite", "impressions", "clicks", "fallbacks"):
-            if e.get(name):
-                getattr(m, name).labels(version=v).inc(e[name])
-        for reason, n in e.get("errors", {}).items():
-            m.errors.labels(version=v, reason=reason).inc(n)
-        for hist, key in ((m.latency, "latency"), (m.score, "score")):
-            for value, n in e.get(key, []):
-                for _ in range(n):
-                    hist.labels(version=v).observe(value)
-        self._send(200, b"ok")
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-'''
 
 # Before the window: version 1 has traffic on both replicas, so its series exist at the
 # window's start. Version 2 (the canary) gets its first traffic inside the window.
@@ -149,7 +105,7 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
     ports = {"a": free_port(), "b": free_port()}
     prom_port = free_port()
     prom_url = f"http://127.0.0.1:{prom_port}"
-    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", EXPORTER, str(p)], tmp_path)
+    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER, str(p)], tmp_path)
                  for r, p in ports.items()}
     config = render_config(tmp_path / "conf", [f"127.0.0.1:{p}" for p in ports.values()],
                            index_service=None, triton=None, scrape_interval="1s")
@@ -262,7 +218,7 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
 @needs_prometheus
 def test_a_server_that_is_not_prometheus_is_unavailable(tmp_path):
     port = free_port()
-    exporter = Service("exporter", [str(serving_python()), "-c", EXPORTER, str(port)], tmp_path)
+    exporter = Service("exporter", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER, str(port)], tmp_path)
     try:
         exporter.wait_http(f"http://127.0.0.1:{port}/metrics", timeout=30)
         t0 = datetime.now(timezone.utc)

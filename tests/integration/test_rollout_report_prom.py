@@ -17,59 +17,13 @@ import pytest
 from dayloop.rollout.plan import PROFILES
 from dayloop.rollout.report import fetch_series, render_report
 from serving.prometheus.render import render_config
-from serving_helpers import Service, free_port, serving_python
+from serving_helpers import ROUTER_METRICS_EXPORTER, Service, free_port, serving_python
 
 pytestmark = pytest.mark.integration
 
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(not PROMETHEUS, reason="prometheus not installed")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-# A router replica's metrics (the real RouterMetrics class), plus POST /event to move them:
-# {"version": "1", "requests": n, "errors": {"reason": n}, "latency": [[seconds, n]],
-#  "share": fraction, ...}.
-EXPORTER = r'''
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from serving.router.metrics import RouterMetrics
-
-m = RouterMetrics()
-
-class Handler(BaseHTTPRequestHandler):
-    def _send(self, code, body, ctype="text/plain"):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path == "/metrics":
-            self._send(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
-        else:
-            self._send(404, b"not found")
-
-    def do_POST(self):
-        e = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        v = e["version"]
-        for name in ("requests", "nonfinite", "impressions", "clicks"):
-            if e.get(name):
-                getattr(m, name).labels(version=v).inc(e[name])
-        for reason, n in e.get("errors", {}).items():
-            m.errors.labels(version=v, reason=reason).inc(n)
-        for value, n in e.get("latency", []):
-            for _ in range(n):
-                m.latency.labels(version=v).observe(value)
-        if "share" in e:
-            m.share.labels(version=v).set(e["share"])
-        self._send(200, b"ok")
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-'''
 
 CONTROL, CANARY, IDLE = 1, 2, 3
 SECONDS = 15
@@ -110,7 +64,7 @@ def test_fetch_series_reads_what_the_routers_did_and_the_report_plots_it(tmp_pat
     ports = {"a": free_port(), "b": free_port()}
     prom_port = free_port()
     prom_url = f"http://127.0.0.1:{prom_port}"
-    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", EXPORTER, str(p)], tmp_path)
+    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER, str(p)], tmp_path)
                  for r, p in ports.items()}
     config = render_config(tmp_path / "conf", [f"127.0.0.1:{p}" for p in ports.values()],
                            index_service=None, triton=None, scrape_interval="1s")

@@ -106,8 +106,25 @@ def test_missing_series_is_inconclusive_never_pass(arm: str, field_name: str) ->
     broken = replace(good, **{field_name: None})
     canary, control = (broken, good) if arm == "canary" else (good, broken)
     result = analyse(canary, control, Thresholds())
-    assert result.phase == INCONCLUSIVE
     assert any("series missing" in r for r in result.reasons), result.reasons
+    if field_name == "scores":
+        # Only the (advisory) score drift check reads the score histograms: it says why it
+        # could not judge, and decides the phase only when made blocking.
+        assert result.check("score_drift").phase == INCONCLUSIVE and result.check("score_drift").advisory
+        assert result.phase == PASS
+        assert analyse(canary, control, Thresholds(), advisory=()).phase == INCONCLUSIVE
+    else:
+        assert result.phase == INCONCLUSIVE
+
+
+def test_score_drift_is_reported_but_only_decides_when_made_blocking() -> None:
+    shifted = _window(scores=_scores(5000, mean=0.35))
+    default = analyse(shifted, _window(), Thresholds())
+    blocking = analyse(shifted, _window(), Thresholds(), advisory=())
+    assert default.check("score_drift").phase == blocking.check("score_drift").phase == FAIL
+    assert default.phase == PASS and blocking.phase == FAIL
+    assert any(r.startswith("score_drift (advisory): score PSI") for r in default.reasons)
+    assert default.as_dict()["checks"][-2]["advisory"] is True
 
 
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
@@ -452,3 +469,37 @@ def test_thresholds_from_mapping() -> None:
     with pytest.raises(ValueError):
         Thresholds(ctr_margin=1.0)
     assert Thresholds.from_mapping(t.as_dict()) == t
+
+
+# --------------------------------------------------------------------------- small windows
+
+_LE = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, math.inf)
+
+
+def _counts(*per_bucket: float) -> Histogram:
+    return Histogram(_LE, tuple(np.cumsum(per_bucket)))
+
+
+def test_count_above_interpolates_inside_the_bucket() -> None:
+    from dayloop.rollout.analysis import _count_above
+
+    h = _counts(10, 10, 10, 10, 0, 0, 0)  # 40 observations up to 50 ms
+    assert _count_above(h, 0.05) == pytest.approx(0.0)
+    assert _count_above(h, 0.0375) == pytest.approx(5.0)  # half of the 25-50 ms bucket
+    assert _count_above(h, 0.001) == pytest.approx(40 - 10 * 0.2)
+    assert _count_above(_counts(10, 0, 0, 0, 0, 0, 3), 0.3) == pytest.approx(3.0)  # past the top bound
+
+
+def test_one_slow_request_in_a_small_window_is_not_a_latency_breach() -> None:
+    """With 40 canary requests the p99 is their maximum: one slow request must not fail it."""
+    t = Thresholds(min_requests=40, min_impressions=20)
+    control = _window(requests=400)
+    one_slow = replace(_window(requests=40), latency=_counts(30, 9, 0, 0, 0, 1, 0))  # one at 100-250 ms
+    result = analyse(one_slow, control, t)
+    assert result.check("latency_p99").phase != FAIL
+    assert result.check("latency_p99_vs_control").phase == INCONCLUSIVE
+    assert "not yet significant" in result.check("latency_p99_vs_control").message
+    all_slow = replace(_window(requests=40), latency=_counts(0, 0, 0, 0, 0, 40, 0))
+    slow = analyse(all_slow, control, t)
+    assert slow.check("latency_p99").phase == FAIL and slow.check("latency_p99_vs_control").phase == FAIL
+    assert slow.check("latency_p99_vs_control").values["p_value"] < 1e-10

@@ -182,6 +182,7 @@ def summary_line(result: Mapping[str, Any]) -> str:
     head = (f"step {result['step']} ({result['percent']:g}%) at {result['elapsed_s']:.0f}s: "
             f"{result['decision'].upper()} (analysis {result['phase']})")
     analysis = result.get("analysis") or {}
-    checks = [f"{c['name']}={c['phase']}: {c['message']}" for c in analysis.get("checks", [])]
+    checks = [f"{c['name']}={c['phase']}{' (advisory)' if c.get('advisory') else ''}: {c['message']}"
+              for c in analysis.get("checks", [])]
     extra = [r for r in result.get("reasons", []) if not any(r.endswith(c["message"]) for c in analysis.get("checks", []))]
     return " | ".join([head, *extra, *checks])

@@ -189,7 +189,8 @@ def record_step(settings: Settings, ctx: Mapping[str, Any], record: Mapping[str,
     checks = (final.get("analysis") or {}).get("checks", [])
     lines = [f"step {record['index']} ({record['percent']:g}%): {record['decision'].upper()} after "
              f"{final.get('elapsed_s', 0):.0f}s, {len(record.get('looks', []))} looks"]
-    lines += [f"  {c['name']}: {c['phase']}: {c['message']}" for c in checks]
+    lines += [f"  {c['name']}: {c['phase']}{' (advisory)' if c.get('advisory') else ''}: {c['message']}"
+              for c in checks]
     lines += [f"  {r}" for r in final.get("reasons", []) if not any(r.endswith(c["message"]) for c in checks)]
     (log.warning if record["decision"] != "pass" else log.info)("\n".join(lines))
     summary = "; ".join([f"{record['decision']} at {final.get('elapsed_s', 0):.0f}s",
