@@ -357,3 +357,10 @@ def test_gpu_config_cli(tmp_path, capsys):
     assert wgc.main(["--repository", str(tmp_path)]) == 1
     assert "differs" in capsys.readouterr().err
     assert wgc.main(["--repository", str(tmp_path), "--replace"]) == 0
+
+
+def test_the_plane_files_scrape_interval_is_prometheus_own(compose):
+    """The rollout's Prometheus windows are sized from it: it must be what Prometheus scrapes at."""
+    plane = json.loads(compose["configs"]["dayloop-plane"]["content"])
+    flags = _flags(compose["services"]["prometheus-config"]["command"])
+    assert f"{plane['prometheus_scrape_interval_s']:g}s" == flags["interval"][0]

@@ -492,7 +492,7 @@ def test_count_above_interpolates_inside_the_bucket() -> None:
 
 def test_one_slow_request_in_a_small_window_is_not_a_latency_breach() -> None:
     """With 40 canary requests the p99 is their maximum: one slow request must not fail it."""
-    t = Thresholds(min_requests=40, min_impressions=20)
+    t = Thresholds(min_requests=40, min_impressions=20, p99_budget_s=0.2)
     control = _window(requests=400)
     one_slow = replace(_window(requests=40), latency=_counts(30, 9, 0, 0, 0, 1, 0))  # one at 100-250 ms
     result = analyse(one_slow, control, t)
