@@ -24,7 +24,7 @@ Runs once per day, after the day closes, for the logical date `ds`:
      then canary vs control is analysed (errors, NaN, p99, score drift, sequential CTR
      test); pass = next step, fail or too long inconclusive = stop;
    - `promote_canary` -> `retire_previous`: aliases `champion`/`previous` move, the old
-     version is unloaded after a grace period;
+     version is unloaded after a grace period (waited out in the triggerer);
    - `rollback_canary` runs when any rollout task failed: 100% back to the champion in one
      route write, canary drained and unloaded, reason tagged, alert sent;
    - `report_rollout` always runs: writes the rollout report to the version's MLflow run
@@ -43,7 +43,7 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task, task_group
 
 from dayloop.airflow.notifier import RolloutAlertNotifier
-from dayloop.airflow.operators import BakeAndRampOperator
+from dayloop.airflow.operators import BakeAndRampOperator, RetirePreviousOperator
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -181,13 +181,6 @@ def daily_refresh():
 
             return tasks.promote_canary(deployed, baked, run_id)
 
-        @task
-        def retire_previous(deployed: dict, promoted: dict) -> dict:
-            """After the grace period, unload the old champion (unless routed again)."""
-            from dayloop.airflow import tasks
-
-            return tasks.retire_previous(deployed, promoted)
-
         @task(trigger_rule="one_failed", retries=3, retry_delay=pendulum.duration(seconds=5),
               on_success_callback=RolloutAlertNotifier(), on_failure_callback=RolloutAlertNotifier(failed=True))
         def rollback_canary(ti=None, run_id=None) -> dict:
@@ -204,7 +197,10 @@ def daily_refresh():
             return tasks.report_rollout(ti, ds)
 
         promoted = promote_canary(deployed, baked.output)
-        retired = retire_previous(deployed, promoted)
+        retired = RetirePreviousOperator(
+            task_id="retire_previous", rollout=deployed, promoted=promoted,
+            doc_md="Waits out the promotion grace period in the triggerer, then unloads the old "
+                   "champion unless a route names it again.")
         rolled_back = rollback_canary()
         [deployed, baked, promoted] >> rolled_back
         [retired, rolled_back] >> report_rollout()

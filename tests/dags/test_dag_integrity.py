@@ -148,6 +148,7 @@ def test_daily_refresh_rollout_wiring(dags):
     assert type(get("rollout.bake_and_ramp")).__name__ == "BakeAndRampOperator"
     assert {"rollout.deploy_canary", "rollout.bake_and_ramp"} <= get("rollout.promote_canary").upstream_task_ids
     assert get("rollout.retire_previous").upstream_task_ids >= {"rollout.promote_canary"}
+    assert type(get("rollout.retire_previous")).__name__ == "RetirePreviousOperator"
     rollback = get("rollout.rollback_canary")
     assert rollback.trigger_rule == "one_failed"
     assert rollback.upstream_task_ids == {"rollout.deploy_canary", "rollout.bake_and_ramp",

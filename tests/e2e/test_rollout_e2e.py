@@ -42,6 +42,8 @@ FAST = {"bake_seconds": [15, 15, 12], "max_bake_seconds": [90, 90, 90],
 # Margin for the small synthetic world (see tests/integration/test_daily_refresh_dagtest.py).
 BASE = {"noninferiority_margin": 0.3, "rollout_profile": "demo"}
 SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "manual"]
+# Longer than the stack start plus the scheduled bootstrap run (test 1) take on 2 cores.
+MIDNIGHT_GUARD_S = 12 * 60
 
 
 def _free_port() -> int:
@@ -81,6 +83,15 @@ def loop(tmp_path_factory):
     from serving_helpers import serving_python
 
     var = tmp_path_factory.mktemp("e2e-loop")
+    # The days below are fixed now, and the scheduler makes a run for every day that closes
+    # while its DAG is unpaused. Test 1 turns that off once the bootstrap has run; a start
+    # too close to midnight UTC waits for the new day rather than race it.
+    now = dt.datetime.now(dt.timezone.utc)
+    to_midnight = (dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(),
+                                       tzinfo=dt.timezone.utc) - now).total_seconds()
+    if to_midnight < MIDNIGHT_GUARD_S:
+        print(f"\n{to_midnight:.0f}s to midnight UTC: waiting for the new day before scheduling")
+        time.sleep(to_midnight + 30)
     today = dt.datetime.now(dt.timezone.utc).date()
     # The scheduler starts runs only for logical dates in the past, so the scenarios take the
     # days before yesterday (the scheduled bootstrap's day); the replay calendar starts there.
@@ -205,6 +216,12 @@ def _trigger(loop, name: str, overrides: dict | None = None) -> dict:
     return _api(loop).trigger(DAG, loop["days"][name], conf=conf, note=f"e2e: {name}")
 
 
+def _day_version(loop, registry, name: str) -> int | None:
+    """The version registered for a scenario's day (its ``dayloop.logical_date`` tag)."""
+    found = registry.version_for_date(loop["days"][name].isoformat())
+    return int(found.version) if found is not None else None
+
+
 def _finish(loop, run, timeout_s: float = 1200) -> dict:
     return _api(loop).wait_run(DAG, run["dag_run_id"], timeout_s=timeout_s)
 
@@ -229,10 +246,13 @@ def _assert_rolled_back(loop, registry, run, version: int, champion: int, reason
     return tags
 
 
-def _fault_scenario(loop, registry, name: str, fault: dict, reason_has: str) -> None:
+def _fault_scenario(loop, registry, name: str, fault: dict, reason_has: str) -> int:
+    """Trigger the day, inject the fault on its canary once routed, assert the rollback;
+    returns the canary's version."""
     champion = int(registry.alias_version("champion").version)
     run = _trigger(loop, name, FAST)
     canary = _wait(lambda: _canary(loop), 900, f"the {name} canary to be routed", poll_s=0.2)
+    assert canary == _day_version(loop, registry, name), "the canary is not this run's version"
     client = _client(loop)
     client.router.set_fault(canary, **fault)
     onset = time.monotonic()
@@ -243,6 +263,7 @@ def _fault_scenario(loop, registry, name: str, fault: dict, reason_has: str) -> 
         _assert_rolled_back(loop, registry, run, canary, champion, reason_has)
     finally:
         client.router.clear_faults()
+    return canary
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -265,6 +286,13 @@ def test_1_the_scheduled_run_bootstraps_the_champion_and_serves_it(loop, registr
     assert int(registry.alias_version("champion").version) == 1
     assert _only(loop) == 1
     assert 1 in _client(loop).triton.ready_versions()
+    # From here on the scenarios trigger their own days: a day closing during the suite must
+    # not add a scheduled run (and a version) between them. Triggered runs still run.
+    loop["env"]["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
+    restart = subprocess.run(["bash", str(STACK), "restart-airflow"], env=loop["env"], capture_output=True,
+                             text=True, timeout=400)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    api.wait_dag(DAG)
     # Now the users arrive: the synthetic world's users, clicking what they truly like.
     panel = loop["var"] / "serving" / "panel.npz"
     env = dict(loop["env"], DAYLOOP_HOME=str(loop["var"] / "dayloop"))
@@ -279,7 +307,7 @@ def test_1_the_scheduled_run_bootstraps_the_champion_and_serves_it(loop, registr
 def test_2_a_healthy_challenger_is_promoted_across_a_scheduler_and_triggerer_restart(loop, registry):
     run = _trigger(loop, "healthy", FAST)
     canary = _wait(lambda: _canary(loop), 900, "the canary to be routed", poll_s=0.5)
-    assert canary == 2
+    assert canary == _day_version(loop, registry, "healthy") == 2
 
     def baking_step_1():
         shares = {r["version"]: r["end"] - r["start"] for r in _routes(loop)["table"]["routes"]}
@@ -310,8 +338,8 @@ def test_2_a_healthy_challenger_is_promoted_across_a_scheduler_and_triggerer_res
 
 
 def test_3_a_challenger_emitting_nan_is_rolled_back_at_the_first_step(loop, registry):
-    _fault_scenario(loop, registry, "nan", {"nan_rate": 1.0}, "nonfinite")
-    tags = dict(registry.get_version(3).tags)
+    canary = _fault_scenario(loop, registry, "nan", {"nan_rate": 1.0}, "nonfinite")
+    tags = dict(registry.get_version(canary).tags)
     assert tags["dayloop.rollout.step0"].startswith("fail") and "dayloop.rollout.step1" not in tags
 
 

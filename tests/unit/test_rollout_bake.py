@@ -180,3 +180,58 @@ def test_look_results_are_plain_python_for_the_triggerer():
         return {type(v).__module__}
 
     assert types(out) == {"builtins"}
+
+
+# --------------------------------------------------------------------------- retire_previous
+
+
+def _promoted(ago_s: float) -> dict:
+    at = bake.now_utc() - __import__("datetime").timedelta(seconds=ago_s)
+    return {"promoted": True, "version": 7, "previous": 6, "revision": 12, "promoted_at": at.isoformat()}
+
+
+def test_the_old_champion_is_due_for_retirement_one_grace_period_after_promotion():
+    import datetime as dt
+
+    plan = plan_from_params("prod")
+    ctx = {"plan": plan.to_dict(), "plane_file": "unused"}
+    promoted = _promoted(0)
+    due = dt.datetime.fromisoformat(controller.retire_due(ctx, promoted))
+    assert due - dt.datetime.fromisoformat(promoted["promoted_at"]) == dt.timedelta(seconds=plan.promote_grace_seconds)
+    # Nothing to retire: no promotion, or a bootstrap with no previous champion.
+    assert controller.retire_due(ctx, None) is None
+    assert controller.retire_due(ctx, {"promoted": False}) is None
+    assert controller.retire_due(ctx, {**promoted, "previous": None}) is None
+
+
+def test_retire_previous_waits_in_the_triggerer_not_on_a_worker(monkeypatch):
+    """Within the grace period the operator defers to a DateTimeTrigger at the due moment;
+    after it (a retry, a late start) it retires at once."""
+    import datetime as dt
+
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from dayloop.airflow import tasks
+    from dayloop.airflow.operators import RetirePreviousOperator
+
+    calls = []
+    monkeypatch.setattr(tasks, "retire_previous", lambda ctx, promoted: calls.append(promoted) or {"retired": 6})
+    ctx = {"plan": plan_from_params("demo").to_dict(), "plane_file": "unused"}
+
+    fresh = _promoted(1)
+    op = RetirePreviousOperator(task_id="retire_previous", rollout=ctx, promoted=fresh)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, DateTimeTrigger) and deferred.value.method_name == "retire"
+    assert trigger.moment == dt.datetime.fromisoformat(controller.retire_due(ctx, fresh))
+    assert calls == []
+    assert op.retire({}, event=None) == {"retired": 6} and calls == [fresh]
+
+    late = _promoted(3600)
+    op = RetirePreviousOperator(task_id="retire_previous", rollout=ctx, promoted=late)
+    assert op.execute({}) == {"retired": 6} and calls[-1] is late
+    # Nothing promoted: nothing to do, and no deferral.
+    op = RetirePreviousOperator(task_id="retire_previous", rollout=ctx, promoted={"promoted": False})
+    assert op.execute({}) == {"retired": None}

@@ -1,5 +1,9 @@
-"""The bake-and-ramp operator: walks the rollout plan's steps, deferring each bake to the
+"""Deferrable rollout operators.
+
+:class:`BakeAndRampOperator` walks the rollout plan's steps, deferring each bake to the
 triggerer (:class:`~dayloop.airflow.triggers.BakeTrigger`).
+:class:`RetirePreviousOperator` waits out the promotion grace period in the triggerer, then
+unloads the old champion.
 
 Between bakes it wakes on a worker only to record the step's verdict and route the next
 step (one call each into :mod:`dayloop.rollout.controller`). A failed or aborted step ends
@@ -62,3 +66,40 @@ class BakeAndRampOperator(BaseOperator):
             started = tasks.route_next_step(ctx, index + 1)
             self._bake(ctx, index + 1, started, event.get("ctr_state"), steps)
         return {"outcome": "passed", "steps": len(steps), "version": ctx["version"]}
+
+
+class RetirePreviousOperator(BaseOperator):
+    """After a promotion, keep the old champion loaded for the plan's grace period (a manual
+    rollback to it then needs no reload), then unload it unless a route names it again.
+
+    The wait is a deferral to a DateTimeTrigger, so no worker slot is held through the grace
+    period (10 minutes in the prod profile); the moment is fixed at promotion time, so a
+    restarted triggerer does not restart the wait."""
+
+    template_fields = ("rollout", "promoted")
+    ui_color = "#e3e3e3"
+
+    def __init__(self, *, rollout: Any, promoted: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rollout = rollout
+        self.promoted = promoted
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+        from dayloop.airflow import tasks
+
+        due = tasks.retire_due(self.rollout, self.promoted)
+        if due is None:
+            self.log.info("nothing to retire: %r", self.promoted)
+            return {"retired": None}
+        moment = dt.datetime.fromisoformat(due)
+        if moment > dt.datetime.now(dt.timezone.utc):
+            self.log.info("v%s stays loaded until %s (promotion grace period)", self.promoted["previous"], due)
+            self.defer(trigger=DateTimeTrigger(moment=moment), method_name="retire")
+        return self.retire(context)
+
+    def retire(self, context: Any, event: Any = None) -> dict[str, Any]:
+        from dayloop.airflow import tasks
+
+        return tasks.retire_previous(self.rollout, self.promoted)

@@ -159,6 +159,12 @@ def promote_canary(ctx: dict | None, baked: dict | None, run_id: str | None = No
     return controller.promote_rollout(load_settings(), ctx, baked, _actor(run_id))
 
 
+def retire_due(ctx: dict | None, promoted: dict | None) -> str | None:
+    from dayloop.rollout import controller
+
+    return controller.retire_due(ctx, promoted)
+
+
 @_decided
 def retire_previous(ctx: dict | None, promoted: dict | None) -> dict:
     from dayloop.rollout import controller

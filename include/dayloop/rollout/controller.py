@@ -14,6 +14,7 @@ failure reason), aliases, and the task logs.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
@@ -234,18 +235,26 @@ def promote_rollout(settings: Settings, ctx: Mapping[str, Any] | None, baked: Ma
     out = deploy.promote(settings, client, int(ctx["version"]), actor, expect_salt=ctx["salt"])
     log.info("promoted v%s to champion (previous: v%s) at revision %s", out["version"], out["previous"],
              out["revision"])
-    return {"promoted": True, **out}
+    return {"promoted": True, "promoted_at": now_utc().isoformat(), **out}
 
 
-def retire_previous(settings: Settings, ctx: Mapping[str, Any] | None, promoted: Mapping[str, Any] | None) -> dict:
-    """After the grace period, unload the old champion if no route names it any more."""
+def retire_due(ctx: Mapping[str, Any] | None, promoted: Mapping[str, Any] | None) -> str | None:
+    """When the old champion may be unloaded (ISO time: promotion + grace), or None when
+    nothing is to be retired. The old version stays loaded meanwhile so a manual rollback
+    to it needs no reload."""
     from dayloop.rollout.plan import from_dict
 
     if not promoted or not promoted.get("promoted") or not promoted.get("previous"):
-        return {"retired": None}
+        return None
     grace = from_dict(ctx["plan"]).promote_grace_seconds
-    log.info("keeping v%s loaded for %g s (instant manual rollback)", promoted["previous"], grace)
-    time.sleep(grace)
+    since = dt.datetime.fromisoformat(promoted.get("promoted_at") or now_utc().isoformat())
+    return (since + dt.timedelta(seconds=grace)).isoformat()
+
+
+def retire_previous(settings: Settings, ctx: Mapping[str, Any] | None, promoted: Mapping[str, Any] | None) -> dict:
+    """Unload the old champion (once its grace period is over) unless a route names it again."""
+    if retire_due(ctx, promoted) is None:
+        return {"retired": None}
     client = plane_client(ctx["plane_file"])
     old = int(promoted["previous"])
     table = client.router.routes().get("table") or {}
@@ -254,6 +263,7 @@ def retire_previous(settings: Settings, ctx: Mapping[str, Any] | None, promoted:
         log.warning("v%s is routed again (a manual rollback?): keeping it loaded", old)
         return {"retired": None, "kept": old}
     client.unload_version(old)
+    log.info("retired v%s: unloaded from Triton and the index service", old)
     return {"retired": old}
 
 
