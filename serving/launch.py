@@ -335,6 +335,24 @@ def config_from_env(**overrides: object) -> PlaneConfig:
     return PlaneConfig(**kw)  # type: ignore[arg-type]
 
 
+def describe_routes(plane_file: Path) -> str:
+    """One line for `make status`: who serves which share of users, and the last writer."""
+    from serving.client import DataPlaneClient
+    from serving.routing import RouteTable
+
+    try:
+        current = DataPlaneClient.from_plane_file(plane_file).router.routes()
+    except Exception as exc:  # noqa: BLE001 - a status line, never a crash
+        return f"routes: unreadable ({exc})"
+    if not current.get("table"):
+        return "routes: no route table yet"
+    shares = RouteTable.from_dict(current["table"]).shares()
+    served = ", ".join(f"v{v} {share:.0%}" for v, share in sorted(shares.items()))
+    note = "  <- two versions routed: a rollout in flight (or orphaned)" if len(shares) > 1 else ""
+    return (f"routes: {served} (revision {current.get('revision')}, by {current.get('actor')}: "
+            f"{current.get('reason')}){note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Dayloop data plane: start | stop | status")
     ap.add_argument("command", choices=["start", "stop", "status"])
@@ -361,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             print("data plane: stopped")
         for name, pgid in status.items():
             print(f"{name}: {'running (pgid %d)' % pgid if pgid else 'stopped'}")
+        plane_file = plane.cfg.home / PLANE_FILE
+        if any(name.startswith("router") and pgid for name, pgid in status.items()) and plane_file.is_file():
+            print(describe_routes(plane_file))
     return 0
 
 

@@ -188,3 +188,43 @@ def test_manual_rollback_form_refuses_bad_input(dags):
         with pytest.raises(Exception):
             merged.update(bad)
             merged.validate()
+
+
+LISTENER_PROBE = """
+import json
+from airflow.listeners.listener import get_listener_manager
+from airflow import plugins_manager
+lm = get_listener_manager()
+impls = [getattr(impl.plugin, "__name__", "") for impl in lm.pm.hook.on_dag_run_failed.get_hookimpls()]
+print(json.dumps({"impls": impls, "errors": plugins_manager.get_import_errors()}))
+"""
+
+
+def test_the_plugin_registers_the_run_listener_with_airflow(tmp_path):
+    """Airflow itself (its plugin manager, from the plugins folder) finds the listener that
+    clears a canary a dead daily run left routed."""
+    env = {**_airflow_env(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")}
+    proc = subprocess.run([sys.executable, "-c", LISTENER_PROBE], capture_output=True, text=True, env=env,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] == {}
+    assert "dayloop.airflow.listener" in out["impls"], out
+
+
+def test_the_run_listener_ignores_other_dags(monkeypatch):
+    import threading
+
+    from dayloop.airflow import listener
+
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name))
+
+    class Run:
+        dag_id, run_id = "manual_rollback", "manual__x"
+
+    listener.on_dag_run_failed(Run(), "task_failure")
+    assert started == []
+    Run.dag_id = "daily_refresh"
+    listener.on_dag_run_failed(Run(), "timed_out")
+    assert started == ["dayloop-clear-manual__x"]

@@ -11,7 +11,10 @@ previous ones left, as a real deployment would):
 6. a model that passes the offline gate but serves the wrong users (planted training-serving
    skew) is rolled back by the online CTR test;
 7. too little traffic: inconclusive, bakes to its maximum, fails safe;
-8. a manual rollback during a ramp wins; a rollback to an unknown version is refused.
+8. a run marked failed by a person while its canary bakes never reaches its rollback task;
+   the run listener (plugins/) puts the champion back;
+9. a manual rollback during a ramp wins; a rollback to an unknown version is refused;
+10. malformed Params are refused and create no run.
 
 Each asserts the route table, the aliases, the version tags and zero failed user requests.
 """
@@ -41,7 +44,7 @@ FAST = {"bake_seconds": [15, 15, 12], "max_bake_seconds": [90, 90, 90],
         "min_requests": [20, 60, 80], "min_impressions": [20, 60, 80]}
 # Margin for the small synthetic world (see tests/integration/test_daily_refresh_dagtest.py).
 BASE = {"noninferiority_margin": 0.3, "rollout_profile": "demo"}
-SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "manual"]
+SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "killed", "manual"]
 # Longer than the stack start plus the scheduled bootstrap run (test 1) take on 2 cores.
 MIDNIGHT_GUARD_S = 12 * 60
 
@@ -372,7 +375,33 @@ def test_7_too_little_traffic_is_inconclusive_bakes_longer_then_fails_safe(loop,
     assert "too few" in tags["dayloop.rollout.reason"]
 
 
-def test_8_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(loop, registry):
+def test_8_a_run_marked_failed_while_it_bakes_is_cleared_by_the_run_listener(loop, registry):
+    champion = int(registry.alias_version("champion").version)
+    run = _trigger(loop, "killed", {**FAST, "bake_seconds": [120, 60, 60], "max_bake_seconds": [240, 120, 120]})
+    canary = _wait(lambda: _canary(loop), 900, "the canary to be routed")
+    assert canary == _day_version(loop, registry, "killed")
+    _wait(lambda: _states(loop, run).get("rollout.bake_and_ramp") == "deferred", 60, "the bake to defer")
+    # What "Mark run as failed" in the UI does: the run ends, its rollback task never runs.
+    t0 = time.monotonic()
+    _api(loop).set_run_state(DAG, run["dag_run_id"], "failed")
+    _wait(lambda: _only(loop) == champion, 60, "the listener to put the champion back", poll_s=0.2)
+    print(f"\nrun marked failed -> 100% on champion v{champion}: {time.monotonic() - t0:.1f} s")
+    states = _states(loop, run)
+    assert states["rollout.rollback_canary"] in ("skipped", "none", "removed"), states
+    latest = _routes(loop)
+    assert latest["actor"] == f"{DAG}/{run['dag_run_id']}/listener", latest
+    tags = _wait(lambda: (t := dict(registry.get_version(canary).tags)).get("dayloop.rollout.status") == "rolled_back"
+                 and t, 30, "the canary's rollback tags")
+    assert "marked failed" in tags["dayloop.rollout.reason"] or "manually set" in tags["dayloop.rollout.reason"], tags
+    assert int(registry.alias_version("champion").version) == champion
+    assert registry.alias_version("challenger") is None
+    _wait(lambda: canary not in _client(loop).triton.ready_versions(), 30, "the canary to be unloaded")
+    alerts = _wait(lambda: [a for a in loop["alerts"].received if a.get("version") == canary], 30, "the alert")
+    assert alerts[-1]["kind"] == "rollback" and alerts[-1]["run_id"] == run["dag_run_id"]
+    assert _user_failures(loop) == {}
+
+
+def test_9_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(loop, registry):
     from dayloop.airflow.client import AirflowApiError
 
     api = _api(loop)
@@ -421,7 +450,7 @@ def test_8_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(
     assert _user_failures(loop) == {}
 
 
-def test_9_a_bad_param_is_refused_and_creates_no_run(loop):
+def test_10_a_bad_param_is_refused_and_creates_no_run(loop):
     from dayloop.airflow.client import AirflowApiError
 
     api = _api(loop)

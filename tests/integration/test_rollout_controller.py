@@ -2,7 +2,9 @@
 plane, a real Prometheus and a real MLflow registry, with simulated users running:
 a healthy canary is promoted through every step, a NaN-emitting canary is rolled back at
 its first step, a manual rollback during a ramp wins and the rollout stops without fighting
-it, and bad rollback requests change nothing. The DAG wiring itself (operator, trigger in
+it, bad rollback requests change nothing, and a canary left routed by a run that died
+without its rollback task is cleared by the run listener or by a manual rollback to the
+champion. The DAG wiring itself (operator, trigger in
 the triggerer, trigger rules) is covered under the real scheduler in tests/e2e."""
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def world(tmp_path_factory):
     settings = load_settings()
     art = tmp_path_factory.mktemp("art")
     reg = Registry(settings)
-    # Four versions of one model (same seed): any of them is as good as another online, so a
+    # Six versions of one model (same seed): any of them is as good as another online, so a
     # canary fails only by what the test does to it.
     bundle = make_bundle(art / "b", seed=1)
     index = make_index(bundle, art / "i")
-    v = [_register(reg, f"2026-04-0{i + 1}", bundle, index) for i in range(4)]
+    v = [_register(reg, f"2026-04-0{i + 1}", bundle, index) for i in range(6)]
     reg.set_alias(CHAMPION, v[0])
     reg.set_tags(v[0], {"dayloop.promotion": "bootstrap"})
     # Users like what this model ranks top-10 for them, so every arm earns clicks.
@@ -226,5 +228,69 @@ def test_a_manual_rollback_during_a_ramp_wins_and_the_rollout_stops(world):
     assert tags["dayloop.manual_rollback.reason"] == "bad numbers on v-next"
     assert dict(reg.get_version(v[3]).tags)["dayloop.rollout.status"] == "aborted"
     assert v[3] not in client.triton.ready_versions()
+    time.sleep(1.0)
+    assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_a_canary_orphaned_by_a_dead_run_is_cleared_by_a_manual_rollback_to_the_champion(world):
+    """A run killed outside its own tasks (marked failed in the UI, dagrun_timeout) never runs
+    its rollback task: its canary keeps its share. The next deploy refuses to start over it,
+    and the runbook's answer (manual_rollback, target ``champion``) puts the champion back
+    without moving any alias."""
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    champion = int(reg.alias_version(CHAMPION).version)
+    previous = int(reg.alias_version(PREVIOUS).version)
+    controller.start_rollout(s, {"version": v[4], "alias": "challenger"}, FAST, "test")  # ...and the run dies
+    from serving.launch import describe_routes
+
+    line = describe_routes(world["plane"].cfg.home / "plane.json")
+    assert f"v{champion} 90%" in line and f"v{v[4]} 10%" in line and "two versions routed" in line, line
+    with pytest.raises(controller.RolloutInFlight, match="another rollout holds the route table"):
+        controller.start_rollout(s, {"version": v[4], "alias": "challenger"}, FAST, "test")
+    out = manual.execute_rollback(s, client, model=None, target="champion", reason="orphaned canary after a killed run",
+                                  actor="bob")
+    assert out["changed"] and out["target"] == champion and out["canary_in_flight"] == v[4]
+    table = client.router.routes()
+    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert table["actor"] == "manual_rollback/bob"
+    assert int(reg.alias_version(CHAMPION).version) == champion
+    assert int(reg.alias_version(PREVIOUS).version) == previous
+    assert reg.alias_version(CHALLENGER) is None
+    assert dict(reg.get_version(v[4]).tags)["dayloop.rollout.status"] == "aborted"
+    assert v[4] not in client.triton.ready_versions()
+    # Asked again, there is nothing left to do.
+    again = manual.execute_rollback(s, client, model=None, target="champion", reason="orphaned canary after a killed run",
+                                    actor="bob")
+    assert not again["changed"] and client.router.routes()["revision"] == table["revision"]
+    time.sleep(1.0)
+    assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_the_run_listener_clears_only_the_canary_its_own_dead_run_left_routed(world):
+    """What the Airflow listener does when a daily run ends failed (the listener's Airflow
+    side, a real ``on_dag_run_failed``, is covered under the real scheduler in tests/e2e)."""
+    from dayloop.airflow.listener import clear_after_failed_run
+
+    s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    champion = int(reg.alias_version(CHAMPION).version)
+    controller.start_rollout(s, {"version": v[5], "alias": "challenger"}, FAST, "daily_refresh/run-dead")
+    before = client.router.routes()
+    # Another run's failure, or a run that never wrote the table: nothing is touched.
+    for run_id in ("run-other", "run-dead-2"):
+        out = clear_after_failed_run(run_id, "timed_out", s)
+        assert not out["cleared"] and "last writer" in out["why"]
+    assert client.router.routes()["revision"] == before["revision"]
+    out = clear_after_failed_run("run-dead", "timed_out", s)
+    assert out["cleared"] and out["routed"] and out["version"] == v[5] and out["champion"] == champion, out
+    table = client.router.routes()
+    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert table["actor"] == "daily_refresh/run-dead/listener"
+    tags = dict(reg.get_version(v[5]).tags)
+    assert tags["dayloop.rollout.status"] == "rolled_back" and "timed_out" in tags["dayloop.rollout.reason"]
+    assert reg.alias_version(CHALLENGER) is None and int(reg.alias_version(CHAMPION).version) == champion
+    assert v[5] not in client.triton.ready_versions()
+    # Called again (the run's own rollback already ran, say): the champion alone is routed.
+    again = clear_after_failed_run("run-dead", "task_failure", s)
+    assert not again["cleared"] and client.router.routes()["revision"] == table["revision"]
     time.sleep(1.0)
     assert sum(_failed(world).values()) == 0, _failed(world)

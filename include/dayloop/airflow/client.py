@@ -124,6 +124,10 @@ class AirflowApi:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
 
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> dict:
+        """What the UI's "Mark run as failed/success" does."""
+        return self.request("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}", json={"state": state})
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 

@@ -46,7 +46,8 @@ class BakeAndRampOperator(BaseOperator):
         from dayloop.airflow.triggers import BakeTrigger
 
         step = ctx["plan"]["steps"][index]
-        self.defer(trigger=BakeTrigger(rollout=ctx, step_index=index, started_at=started_at, ctr_state=ctr_state),
+        self.defer(trigger=BakeTrigger(rollout=ctx, step_index=index, started_at=started_at, ctr_state=ctr_state,
+                                       deferred_at=dt.datetime.now(dt.timezone.utc).isoformat()),
                    method_name="step_done", kwargs={"steps": steps},
                    timeout=dt.timedelta(seconds=float(step["max_bake_seconds"]) + DEFER_SLACK_S))
 
@@ -93,9 +94,15 @@ class RetirePreviousOperator(BaseOperator):
         if due is None:
             self.log.info("nothing to retire: %r", self.promoted)
             return {"retired": None}
+        from dayloop.airflow.triggers import RESUME_HOLD_S
+
+        now = dt.datetime.now(dt.timezone.utc)
         moment = dt.datetime.fromisoformat(due)
-        if moment > dt.datetime.now(dt.timezone.utc):
-            self.log.info("v%s stays loaded until %s (promotion grace period)", self.promoted["previous"], due)
+        if moment > now:
+            # Never sooner than the resume hold (see dayloop.airflow.triggers.RESUME_HOLD_S).
+            moment = max(moment, now + dt.timedelta(seconds=RESUME_HOLD_S))
+            self.log.info("v%s stays loaded until %s (promotion grace period until %s)", self.promoted["previous"],
+                          moment.isoformat(timespec="seconds"), due)
             self.defer(trigger=DateTimeTrigger(moment=moment), method_name="retire")
         return self.retire(context)
 

@@ -19,23 +19,40 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 MAX_LOOKS_KEPT = 60
+# The earliest an event may fire after its task deferred. Airflow 3.3 can fail a resumed
+# deferred task when the trigger fires before the scheduler has drained the executor's
+# "success" event for the deferring attempt (apache/airflow#66374, #67287, #72716: "reported
+# that the task instance ... finished with state success, but the task instance's state
+# attribute is queued"). That event was seen up to 6 s after deferral on 2 loaded cores.
+# It cost one e2e run its step record and its rollback reason. Holding a decision until 15 s
+# after deferral closes that window, at the price of at most 15 s on a fail-fast step.
+RESUME_HOLD_S = 15.0
+
+
+def resume_hold_s(deferred_at: str | None, now: dt.datetime) -> float:
+    """Seconds still to wait before firing, for a task that deferred at ``deferred_at``."""
+    if not deferred_at:
+        return 0.0
+    since = (now - dt.datetime.fromisoformat(deferred_at)).total_seconds()
+    return max(0.0, RESUME_HOLD_S - since)
 
 
 class BakeTrigger(BaseTrigger):
     """Bake one ramp step of a canary rollout and report its decision."""
 
     def __init__(self, rollout: dict[str, Any], step_index: int, started_at: str,
-                 ctr_state: dict[str, Any] | None = None) -> None:
+                 ctr_state: dict[str, Any] | None = None, deferred_at: str | None = None) -> None:
         super().__init__()
         self.rollout = rollout
         self.step_index = int(step_index)
         self.started_at = started_at
         self.ctr_state = ctr_state
+        self.deferred_at = deferred_at
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("dayloop.airflow.triggers.BakeTrigger",
                 {"rollout": self.rollout, "step_index": self.step_index, "started_at": self.started_at,
-                 "ctr_state": self.ctr_state})
+                 "ctr_state": self.ctr_state, "deferred_at": self.deferred_at})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from dayloop.rollout import bake
@@ -78,6 +95,10 @@ class BakeTrigger(BaseTrigger):
                 self.log.info(line)
                 continue
             (self.log.info if result["decision"] == bake.PASSED else self.log.warning)(line)
+            hold = resume_hold_s(self.deferred_at, bake.now_utc())
+            if hold > 0:
+                self.log.info("decided; firing in %.1f s, once the deferral has settled in the scheduler", hold)
+                await asyncio.sleep(hold)
             yield TriggerEvent(bake.plain({"step": self.step_index, "decision": result["decision"],
                                            "started_at": self.started_at, "ended_at": result["at"],
                                            "result": result, "looks": looks, "ctr_state": state}))

@@ -294,6 +294,36 @@ def rollback_rollout(settings: Settings, published: Mapping[str, Any] | None, ct
     return {"rolled_back": True, "reason": reason, **out}
 
 
+def clear_orphaned_rollout(settings: Settings, run_actor: str, why: str,
+                           path: Path | str | None = None) -> dict[str, Any]:
+    """A run ended without its rollback task (timed out, or marked failed by a person): if the
+    route table's last write is still that run's and it routes a version other than the
+    champion, send 100% back to the champion (one CAS write, canary drained, unloaded and
+    tagged). Anything else (the run's own rollback already ran, a manual rollback took over,
+    a promotion completed) is left alone. ``cleared`` says whether anything was undone."""
+    from dayloop.registry import CHAMPION, Registry
+    from dayloop.rollout import deploy
+    from serving.routing import RouteTable
+
+    client = plane_client(path)
+    current = client.router.routes()
+    table = current.get("table")
+    if not table or current.get("actor") != run_actor:
+        return {"cleared": False, "why": f"the route table's last writer is {current.get('actor')!r}, "
+                                         f"not {run_actor!r}"}
+    champion = Registry(settings).alias_version(CHAMPION)
+    if champion is None:
+        return {"cleared": False, "why": "no champion alias to return to"}
+    stray = sorted(set(RouteTable.from_dict(table).shares()) - {int(champion.version)})
+    if not stray:
+        return {"cleared": False, "why": f"only the champion v{champion.version} is routed"}
+    version = stray[0]
+    reason = f"run {run_actor} ended ({why}) with v{version} still routed; rolled back by the run listener"
+    _record_failure(settings, version, reason)
+    out = deploy.rollback(settings, client, version, reason, f"{run_actor}/listener", drain_seconds=2.0)
+    return {"cleared": True, "rolled_back": out["routed"], "reason": reason, **out}
+
+
 # --------------------------------------------------------------------------- outcome
 
 
