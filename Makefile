@@ -4,11 +4,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup demo test test-unit test-integration test-e2e stack serve stop status bench clean
+.PHONY: help setup demo test test-unit test-integration test-e2e lint stack serve stop status bench clean
 
 help:
 	@echo "make demo   - set up, start the stack (Airflow, MLflow, data plane), run the daily loop, serve it"
-	@echo "make test   - set up, run the whole test suite"
+	@echo "make test   - set up, run the lint and layering checks, then the whole test suite"
+	@echo "make lint   - ruff and the import-linter layering contracts only"
 	@echo "make serve  - start the data plane: Triton, index service, 2 routers, Prometheus"
 	@echo "make stop   - stop everything the project started"
 	@echo "make status - show which services run"
@@ -23,8 +24,11 @@ demo: setup
 	@bash scripts/serve.sh start
 	@bash -c 'source scripts/env.sh && python scripts/demo.py'
 
-test: setup
+test: setup lint
 	@bash scripts/test.sh
+
+lint: setup
+	@bash scripts/lint.sh
 
 test-unit: setup
 	@bash scripts/test.sh tests/unit tests/dags

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from dayloop.quality.offline_gate import GateThresholds, run_offline_gate
+    from dayloop.quality.offline_gate import GateThresholds, gate_model
     from dayloop.training.bundle import ModelBundle
     from dayloop.training.evaluate import evaluate_bundle, evaluate_popularity
     from dayloop.training.metrics import mlflow_key
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, gates, bundles = [], [], {}
 
     def gate_row(label: str, challenger: Path, champion: Path, fdir: Path, report: Path) -> None:
-        d = run_offline_gate(challenger, champion, fdir, report, thresholds).decision
+        d = gate_model(challenger, champion, fdir, report, thresholds).decision
         gates.append(
             {
                 "run": label,

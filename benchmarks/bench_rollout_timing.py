@@ -7,7 +7,7 @@ the user simulator at 20 requests/s) and a local MLflow registry, with the demo 
   injected on it (NaN outputs, 50% errors, +150 ms latency), and the real bake trigger
   (``dayloop.airflow.triggers.BakeTrigger.run``, the code the triggerer runs) looks every
   analysis interval until it fails the step; then the rollback the DAG's rollback task runs
-  (``controller.rollback_rollout``). Measured until every router replica serves the
+  (``controller.rollback_canary``). Measured until every router replica serves the
   champion's table.
 * manual request -> 100% on the target: ``manual.execute_rollback`` (what the manual
   rollback DAG's task runs), alternating between two versions, until every replica serves it.
@@ -49,14 +49,14 @@ def say(msg: str = "") -> None:
 
 def _all_applied(client, revision: int) -> bool:
     applied = client.router.applied_revisions()
-    return bool(applied) and all(int(r) >= revision for r in applied.values())
+    return bool(applied) and all(r >= revision for r in applied.values())
 
 
 def _wait_table(client, predicate, timeout_s: float = 120.0) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         cur = client.router.routes()
-        if predicate(cur) and _all_applied(client, int(cur["revision"])):
+        if cur is not None and predicate(cur) and _all_applied(client, cur.revision):
             return time.monotonic()
         time.sleep(0.05)
     raise TimeoutError("route table never reached the expected state")
@@ -80,7 +80,7 @@ def main() -> int:
     from dayloop.config import load_settings
     from dayloop.registry import CHAMPION, TAG_INDEX_PREFIX, Registry
     from dayloop.rollout import controller, manual
-    from dayloop.rollout.serving import serve_only
+    from dayloop.rollout.pairs import serve_only
     from dayloop.simulation.panel import write_panel
     from serving.client import DataPlaneClient
     from serving.launch import DataPlane, PlaneConfig
@@ -126,9 +126,9 @@ def main() -> int:
         for i in range(5):
             cur = client.router.routes()
             t0 = time.monotonic()
-            rev = client.router.write_routes(single_version_table(champion, f"bench-{i}"), int(cur["revision"]),
+            rev = client.router.write_routes(single_version_table(champion, f"bench-{i}"), cur.revision,
                                              "bench", "baseline write")
-            floor.append(_wait_table(client, lambda c, r=rev["revision"]: int(c["revision"]) >= r) - t0)
+            floor.append(_wait_table(client, lambda c, r=rev.revision: c.revision >= r) - t0)
         results["route write -> all replicas (baseline)"] = floor
 
         n = 2
@@ -137,16 +137,16 @@ def main() -> int:
             for _ in range(args.reps):
                 version = register(n)
                 n += 1
-                ctx = controller.start_rollout(settings, {"version": version, "alias": "challenger"}, params, "bench")
+                ctx = controller.deploy_canary(settings, {"version": version, "alias": "challenger"}, params, "bench")
                 client.router.set_fault(version, **fault)
                 onset = time.monotonic()
-                event = asyncio.run(_run_trigger(BakeTrigger(ctx, 0, ctx["started_at"], None)))
+                event = asyncio.run(_run_trigger(BakeTrigger(ctx.to_dict(), 0, ctx.started_at, None)))
                 decided = time.monotonic()
                 assert event["decision"] == "fail", event
-                controller.fail_step(settings, ctx, {"index": 0, "percent": ctx["plan"]["steps"][0]["percent"],
+                controller.fail_step(settings, ctx, {"index": 0, "percent": ctx.plan.steps[0].percent,
                                                      **event})
-                controller.rollback_rollout(settings, {"version": version}, ctx, "bench")
-                done = _wait_table(client, lambda c: c["table"]["routes"] == [
+                controller.rollback_canary(settings, {"version": version}, ctx, "bench")
+                done = _wait_table(client, lambda c: c.table.as_dict()["routes"] == [
                     {"start": 0, "end": 10000, "version": champion}])
                 client.router.clear_faults()
                 results.setdefault(f"{kind}: fault onset -> 100% champion", []).append(done - onset)
@@ -161,7 +161,7 @@ def main() -> int:
             t0 = time.monotonic()
             manual.execute_rollback(settings, client, model=None, target=str(target), reason="bench manual rollback",
                                     actor="bench")
-            done = _wait_table(client, lambda c, t=target: c["table"]["routes"] == [
+            done = _wait_table(client, lambda c, t=target: c.table.as_dict()["routes"] == [
                 {"start": 0, "end": 10000, "version": t}])
             results.setdefault("manual request -> 100% target", []).append(done - t0)
         failed = json.loads(stats.read_text())["failed"]

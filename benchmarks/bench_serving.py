@@ -524,7 +524,7 @@ def bench_propagation(dp, urls: list[str], trials: int) -> tuple[list[float], li
     from serving.routing import single_version_table
 
     to_all, write_s, after_ack = [], [], []
-    rev = int(dp.router.routes()["revision"])
+    rev = dp.router.routes().revision
     rng = random.Random(7)
     with httpx.Client(timeout=5.0) as c:
         for i in range(trials):
@@ -533,7 +533,7 @@ def bench_propagation(dp, urls: list[str], trials: int) -> tuple[list[float], li
             t0 = time.perf_counter()
             out = dp.router.write_routes(single_version_table(VERSION, salt=f"s{i % 2}"), rev, "bench", f"trial {i}")
             t_ack = time.perf_counter()
-            rev = int(out["revision"])
+            rev = out.revision
             pending = set(urls)
             while pending:
                 for u in list(pending):

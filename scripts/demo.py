@@ -22,9 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from dayloop.airflow.client import AirflowApi, AirflowApiError, generated_password
 from dayloop.config import load_settings, pin_replay_start
 from dayloop.status import render
+
+# The Airflow REST client is test support (tests/airflow_rest.py) that the demo borrows, as
+# the benchmarks borrow tests/serving_helpers.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from airflow_rest import AirflowApi, AirflowApiError, generated_password  # noqa: E402
 
 DAG_ID = "daily_refresh"
 

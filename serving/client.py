@@ -13,20 +13,36 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from serving.index_service.client import IndexServiceClient, IndexServiceError
+from serving.route_store import Revision
 from serving.routing import RouteTable, canary_table, single_version_table
 from serving.triton.client import TritonAdmin, TritonAdminError
 
 __all__ = [
-    "DataPlaneClient", "IndexServiceClient", "IndexServiceError", "RouteConflict", "RouterAdmin",
-    "RouterAdminError", "RouteTable", "TritonAdmin", "TritonAdminError", "canary_table",
+    "DataPlaneClient", "IndexServiceClient", "IndexServiceError", "Revision", "RouteConflict", "RouterAdmin",
+    "RouterAdminError", "RouteTable", "TritonAdmin", "TritonAdminError", "canary_table", "plane_file_path",
     "single_version_table",
 ]
+
+PLANE_FILE_ENV = "DAYLOOP_PLANE_FILE"
+
+
+def plane_file_path() -> Path:
+    """Where the running data plane is described: ``$DAYLOOP_PLANE_FILE``, else
+    ``$DAYLOOP_SERVING_HOME/plane.json``, else ``$DAYLOOP_VAR/serving/plane.json`` (default
+    ``var/`` in the checkout). The launcher writes it; every client finds the plane by it."""
+    path = os.environ.get(PLANE_FILE_ENV)
+    if path:
+        return Path(path)
+    home = os.environ.get("DAYLOOP_SERVING_HOME") or os.path.join(
+        os.environ.get("DAYLOOP_VAR", str(Path(__file__).resolve().parents[1] / "var")), "serving")
+    return Path(home) / "plane.json"
 
 
 class RouterAdminError(RuntimeError):
@@ -69,16 +85,17 @@ class RouterAdmin:
         _raise_for(resp)
         return resp.json()
 
-    def routes(self) -> dict[str, Any]:
-        """{"revision", "table", "actor", "reason", "created_at", "applied_revision"}."""
-        return self._call("GET", "/admin/routes")
+    def routes(self) -> Revision | None:
+        """The route store's latest revision, or None before the first table was written."""
+        out = self._call("GET", "/admin/routes")
+        return Revision.from_dict(out) if out.get("table") else None
 
     def write_routes(self, table: RouteTable | dict[str, Any], expected_revision: int, actor: str,
-                     reason: str) -> dict[str, Any]:
+                     reason: str) -> Revision:
         """Compare-and-swap write; raises :class:`RouteConflict` on a stale revision or bad pairing."""
         body = table.as_dict() if isinstance(table, RouteTable) else table
-        return self._call("PUT", "/admin/routes", json={"expected_revision": expected_revision,
-                                                       "table": body, "actor": actor, "reason": reason})
+        return Revision.from_dict(self._call("PUT", "/admin/routes", json={
+            "expected_revision": expected_revision, "table": body, "actor": actor, "reason": reason}))
 
     def history(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._call("GET", "/admin/routes/history", params={"limit": limit})["revisions"]
@@ -89,6 +106,21 @@ class RouterAdmin:
         for url in self.urls:
             out[url] = int(httpx.get(url + "/health", timeout=self.timeout).json().get("revision", 0))
         return out
+
+    def wait_applied(self, revision: int, timeout_s: float = 5.0, poll_s: float = 0.1) -> bool:
+        """Wait (bounded) until every replica applies ``revision`` or a later one; False on
+        timeout. A replica briefly unreachable is waited for, not an error."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                applied = self.applied_revisions()
+                if applied and all(r >= revision for r in applied.values()):
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
 
     def set_fault(self, version: int, latency_ms: float = 0.0, error_rate: float = 0.0,
                   nan_rate: float = 0.0) -> None:
@@ -120,14 +152,11 @@ class DataPlaneClient:
 
     @classmethod
     def from_env(cls) -> DataPlaneClient:
-        """``DAYLOOP_PLANE_FILE`` or ``$DAYLOOP_SERVING_HOME/plane.json`` (default var/serving)."""
-        path = os.environ.get("DAYLOOP_PLANE_FILE")
-        if not path:
-            home = os.environ.get("DAYLOOP_SERVING_HOME") or os.path.join(
-                os.environ.get("DAYLOOP_VAR", str(Path(__file__).resolve().parents[1] / "var")), "serving")
-            path = os.path.join(home, "plane.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no data plane description at {path}: is the data plane started (make serve)?")
+        """The data plane described at :func:`plane_file_path`; FileNotFoundError when none is."""
+        path = plane_file_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"no data plane description at {path}: start the data plane (make serve) "
+                                    f"or set {PLANE_FILE_ENV}")
         return cls.from_plane_file(path)
 
     def health(self) -> dict[str, Any]:
@@ -162,12 +191,10 @@ class DataPlaneClient:
 
     def unload_version(self, version: int) -> dict[str, Any]:
         """Unload both halves of a version. The route table must no longer name it."""
-        current = self.router.routes().get("table") or {}
-        if current:
-            named = RouteTable.from_dict(current).versions
-            if version in named:
-                raise RouteConflict(409, f"version {version} is still in the route table (revision "
-                                         f"{self.router.routes().get('revision')}); route it away first")
+        current = self.router.routes()
+        if current is not None and version in current.table.versions:
+            raise RouteConflict(409, f"version {version} is still in the route table (revision "
+                                     f"{current.revision}); route it away first")
         out: dict[str, Any] = {"version": version}
         try:
             out["index"] = self.index.unload_index(version)

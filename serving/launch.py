@@ -338,19 +338,17 @@ def config_from_env(**overrides: object) -> PlaneConfig:
 def describe_routes(plane_file: Path) -> str:
     """One line for `make status`: who serves which share of users, and the last writer."""
     from serving.client import DataPlaneClient
-    from serving.routing import RouteTable
 
     try:
         current = DataPlaneClient.from_plane_file(plane_file).router.routes()
     except Exception as exc:  # noqa: BLE001 - a status line, never a crash
         return f"routes: unreadable ({exc})"
-    if not current.get("table"):
+    if current is None:
         return "routes: no route table yet"
-    shares = RouteTable.from_dict(current["table"]).shares()
+    shares = current.table.shares()
     served = ", ".join(f"v{v} {share:.0%}" for v, share in sorted(shares.items()))
     note = "  <- two versions routed: a rollout in flight (or orphaned)" if len(shares) > 1 else ""
-    return (f"routes: {served} (revision {current.get('revision')}, by {current.get('actor')}: "
-            f"{current.get('reason')}){note}")
+    return f"routes: {served} (revision {current.revision}, by {current.actor}: {current.reason}){note}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,11 @@ import datetime as dt
 import json
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 from serving.routing import RouteTable
 
@@ -77,6 +78,17 @@ class Revision:
         return {"model": self.model, "revision": self.revision, "table": self.table.as_dict(),
                 "actor": self.actor, "reason": self.reason, "created_at": self.created_at}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Revision:
+        """A revision as the router's admin API sends it (the table is validated again)."""
+        return cls(revision=int(data["revision"]), table=RouteTable.from_dict(data["table"]),
+                   actor=str(data.get("actor", "")), reason=str(data.get("reason", "")),
+                   created_at=str(data.get("created_at", "")), model=str(data.get("model") or DEFAULT_MODEL))
+
+    def describe(self) -> str:
+        """Who wrote this revision, when and why: the sentence a rollout that lost the table logs."""
+        return f"revision {self.revision} by {self.actor or '?'} ({self.created_at or '?'}): {self.reason}"
+
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -90,16 +102,15 @@ def _text(value: Any, name: str, limit: int) -> str:
     return value.strip()
 
 
-def _retry_busy(fn: Any, attempts: int = 100, pause: float = 0.05) -> Any:
-    """Run ``fn``, retrying while SQLite reports the database busy/locked (about 5 s in all)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
-                raise
-            time.sleep(pause)
-    return None
+def _sqlite_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+# SQLite answers BUSY/locked at once in a few places no busy handler covers (see _conn);
+# retry those for about 5 s in all, then let the error through.
+_retry_busy = tenacity.retry(retry=tenacity.retry_if_exception(_sqlite_busy),
+                             stop=tenacity.stop_after_attempt(100), wait=tenacity.wait_fixed(0.05),
+                             reraise=True)
 
 
 class RouteStore:
@@ -131,7 +142,7 @@ class RouteStore:
                 # Switching to WAL needs a moment of exclusive access; SQLite answers BUSY at once
                 # (no busy handler) when another process is opening the same new file, e.g. two
                 # router replicas starting together. Retry briefly instead of failing the start.
-                _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+                _retry_busy(conn.execute)("PRAGMA journal_mode=WAL")
             else:
                 import psycopg  # only where a Postgres store is configured
 
@@ -146,7 +157,7 @@ class RouteStore:
         conn = self._conn()
         if self.kind == "sqlite":
             for stmt in _SCHEMA + _SQLITE_APPEND_ONLY:
-                _retry_busy(lambda stmt=stmt: conn.execute(stmt))
+                _retry_busy(conn.execute)(stmt)
             return
         conn.execute("SELECT pg_advisory_lock(%s)", (_POSTGRES_SCHEMA_LOCK,))
         try:

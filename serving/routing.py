@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +114,30 @@ class RouteTable:
     def version_for(self, user_id: int) -> int:
         return self.version_for_bucket(bucket(user_id, self.salt))
 
+    def routed_versions(self) -> set[int]:
+        """The versions that own a bucket range (the stable fallback only if it owns one)."""
+        return {r.version for r in self.routes}
+
+    def owned_by(self, salt: str, version: int) -> bool:
+        """Is this the table a rollout wrote: its salt, with its ``version`` still routed?
+
+        A rollout's writes are guarded by this: anyone who takes the table over (a manual
+        rollback, another rollout) writes a new salt, so the rollout sees it and stops."""
+        return self.salt == salt and version in self.routed_versions()
+
     def shares(self) -> dict[int, float]:
         """Fraction of buckets per version."""
         out: dict[int, float] = {}
         for r in self.routes:
             out[r.version] = out.get(r.version, 0.0) + (r.end - r.start) / N_BUCKETS
         return out
+
+
+def new_salt(version: int, purpose: str | None = None) -> str:
+    """A fresh salt for a table that routes ``version`` (``v7-1a2b3c4d``, ``v7-manual-...``):
+    a new salt gives an independent assignment of users, and names the table's writer."""
+    middle = f"{purpose}-" if purpose else ""
+    return f"v{int(version)}-{middle}{os.urandom(4).hex()}"
 
 
 def single_version_table(version: int, salt: str = "stable") -> RouteTable:

@@ -3,38 +3,28 @@
 Environment carries what the deployment decides (paths, data source, sizes);
 Airflow connections carry endpoints; DAG Params carry what a person chooses at
 trigger time. Nothing here touches the network or a database.
+
+The settings are frozen pydantic-settings models. Each field that the environment may set
+names its variable (``validation_alias``, the README's Configuration table); the others are
+constants. Constructing a model by keyword never reads the environment (tests build them
+that way); :func:`load_settings` does, on every call.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal, Self, get_origin
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from serving.fileio import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A setting is missing or malformed."""
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
 
 
 def parse_day(value: str | dt.date | dt.datetime) -> dt.date:
@@ -51,37 +41,165 @@ def parse_day(value: str | dt.date | dt.datetime) -> dt.date:
         raise ConfigError(f"not a date (YYYY-MM-DD): {value!r}") from exc
 
 
-@dataclass(frozen=True)
-class SyntheticSettings:
+class _DeclaredEnvironment(EnvSettingsSource):
+    """The environment, limited to the fields that name their variable.
+
+    A field without a ``validation_alias`` is a constant: no variable sets it. An empty
+    variable counts as unset, except for a string setting, which keeps the empty string
+    (as the hand-written parser did, so an empty DAYLOOP_SOURCE is still refused)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if not isinstance(field.validation_alias, str):
+            return None, field_name, False
+        value, key, is_complex = super().get_field_value(field, field_name)
+        keeps_empty = field.annotation is str or get_origin(field.annotation) is Literal
+        if value == "" and not keeps_empty:
+            value = None
+        return value, key, is_complex
+
+
+# What a rejected value should have been, by pydantic error type (the wording of the old parser).
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "greater_than": "positive",
+}
+
+
+def _config_error(model: type[BaseSettings], exc: ValidationError, given: dict[str, Any]) -> ConfigError:
+    """One ConfigError naming each bad variable and the value it had."""
+    problems = []
+    for error in exc.errors():
+        key = str(error["loc"][0]) if error["loc"] else model.__name__
+        field = model.model_fields.get(key)
+        variable = field.validation_alias if field is not None and field.validation_alias else key
+        raw = given.get(key, given.get(str(variable), error.get("input")))
+        if error["type"] == "literal_error":
+            expected = error["ctx"]["expected"]
+        elif error["type"] in _EXPECTED:
+            expected = _EXPECTED[error["type"]]
+        else:  # a validator's own message, e.g. parse_day's
+            cause = error.get("ctx", {}).get("error")
+            problems.append(f"{variable}: {cause or error['msg']}")
+            continue
+        problems.append(f"{variable} must be {expected}, got {raw!r}")
+    return ConfigError("; ".join(problems))
+
+
+class _Settings(BaseSettings):
+    """Frozen, no unknown keys, keyword construction by field name (the alias is the variable)."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True, case_sensitive=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments only: a model built in code means exactly what it says, whatever
+        # the environment of the process; from_env is the one place that reads it.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, **given: Any) -> Self:
+        """The model from the declared environment variables, ``given`` fields on top."""
+        values = _DeclaredEnvironment(cls)()
+        try:
+            return cls(**values, **given)
+        except ValidationError as exc:
+            raise _config_error(cls, exc, values) from None
+
+
+class SyntheticSettings(_Settings):
     """Size and behaviour of the synthetic world (fast tests, planted faults)."""
 
-    n_users: int = 600
-    n_items: int = 400
-    dim: int = 8
-    events_per_day: int = 3000
-    history_days: int = 20
-    replay_days: int = 30
-    drift: float = 0.0
-    seed: int = 7
+    n_users: int = Field(600, validation_alias="DAYLOOP_SYNTH_USERS", description="users in the world")
+    n_items: int = Field(400, validation_alias="DAYLOOP_SYNTH_ITEMS", description="items in the catalogue")
+    dim: int = Field(8, validation_alias="DAYLOOP_SYNTH_DIM", description="dimension of the hidden tastes")
+    events_per_day: int = Field(
+        3000, validation_alias="DAYLOOP_SYNTH_EVENTS_PER_DAY", description="interactions per replay day"
+    )
+    history_days: int = Field(
+        20, validation_alias="DAYLOOP_SYNTH_HISTORY_DAYS", description="days of history before replay day 0"
+    )
+    replay_days: int = Field(
+        30, validation_alias="DAYLOOP_SYNTH_REPLAY_DAYS", description="days available from replay day 0 on"
+    )
+    drift: float = Field(
+        0.0, validation_alias="DAYLOOP_SYNTH_DRIFT", description="how fast the tastes move, per day"
+    )
+    seed: int = Field(7, validation_alias="DAYLOOP_SYNTH_SEED", description="seed of the world")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(_Settings):
     """Where Dayloop keeps its state and how big its days are."""
 
-    home: Path
-    data_cache: Path
-    source: str = "movielens"
-    replay_start_override: dt.date | None = None
-    events_per_day: int = 5000
-    replay_days: int = 30
-    train_window_days: int = 60
-    history_length: int = 20
-    model_name: str = "dayloop_two_tower"
-    spark_conn_id: str = "dayloop_spark"
-    spark_master_default: str = "local[2]"
-    spark_driver_memory: str = "1g"
-    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".dayloop",
+        validation_alias="DAYLOOP_HOME",
+        description="landing zone, quarantine, features, models, reports",
+    )
+    data_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "dayloop",
+        validation_alias="DAYLOOP_DATA_CACHE",
+        description="where MovieLens-1M is unpacked",
+    )
+    source: Literal["movielens", "synthetic"] = Field(
+        "movielens", validation_alias="DAYLOOP_SOURCE", description="the interaction source"
+    )
+    replay_start_override: dt.date | None = Field(
+        None,
+        validation_alias="DAYLOOP_REPLAY_START",
+        description="logical date of replay day 0; unset: the date pinned in $DAYLOOP_HOME/replay_start",
+    )
+    events_per_day: int = Field(
+        5000,
+        gt=0,
+        validation_alias="DAYLOOP_EVENTS_PER_DAY",
+        description="replay slice size (by count: timestamps are front-heavy)",
+    )
+    replay_days: int = Field(
+        30, gt=0, validation_alias="DAYLOOP_REPLAY_DAYS", description="days available from replay day 0 on"
+    )
+    train_window_days: int = Field(
+        60, gt=0, validation_alias="DAYLOOP_TRAIN_WINDOW_DAYS", description="trailing training window"
+    )
+    history_length: int = Field(
+        20, gt=0, validation_alias="DAYLOOP_HISTORY_LENGTH", description="items in a user's history feature"
+    )
+    model_name: str = Field(
+        "dayloop_two_tower", validation_alias="DAYLOOP_MODEL_NAME", description="registered model name"
+    )
+    spark_conn_id: str = Field("dayloop_spark", description="Airflow connection naming the Spark master")
+    spark_master_default: str = Field("local[2]", description="Spark master when that connection is absent")
+    spark_driver_memory: str = Field(
+        "1g", validation_alias="DAYLOOP_SPARK_DRIVER_MEMORY", description="spark.driver.memory"
+    )
+    synthetic: SyntheticSettings = Field(
+        default_factory=SyntheticSettings, description="the synthetic world, when source is synthetic"
+    )
+
+    @field_validator("home", "data_cache")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _normalise_source(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("replay_start_override", mode="before")
+    @classmethod
+    def _parse_replay_start(cls, value: Any) -> Any:
+        return parse_day(value) if isinstance(value, str) else value
 
     # ----- derived locations -------------------------------------------------
     @property
@@ -125,8 +243,8 @@ class Settings:
             f"or write it to {self.replay_start_file}"
         )
 
-    def with_home(self, home: Path) -> "Settings":
-        return replace(self, home=Path(home))
+    def with_home(self, home: Path) -> Settings:
+        return self.model_copy(update={"home": Path(home)})
 
 
 def pin_replay_start(settings: Settings, day: dt.date) -> dt.date:
@@ -134,47 +252,10 @@ def pin_replay_start(settings: Settings, day: dt.date) -> dt.date:
     path = settings.replay_start_file
     if path.exists():
         return parse_day(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(day.isoformat() + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, day.isoformat() + "\n")
     return day
 
 
 def load_settings() -> Settings:
     """Read the settings from the environment (each call reads it afresh)."""
-    home = Path(os.environ.get("DAYLOOP_HOME") or Path.home() / ".dayloop").expanduser()
-    cache = Path(
-        os.environ.get("DAYLOOP_DATA_CACHE") or Path.home() / ".cache" / "dayloop"
-    ).expanduser()
-    source = os.environ.get("DAYLOOP_SOURCE", "movielens").strip().lower()
-    if source not in {"movielens", "synthetic"}:
-        raise ConfigError(f"DAYLOOP_SOURCE must be 'movielens' or 'synthetic', got {source!r}")
-    start_raw = os.environ.get("DAYLOOP_REPLAY_START")
-    synthetic = SyntheticSettings(
-        n_users=_env_int("DAYLOOP_SYNTH_USERS", SyntheticSettings.n_users),
-        n_items=_env_int("DAYLOOP_SYNTH_ITEMS", SyntheticSettings.n_items),
-        dim=_env_int("DAYLOOP_SYNTH_DIM", SyntheticSettings.dim),
-        events_per_day=_env_int("DAYLOOP_SYNTH_EVENTS_PER_DAY", SyntheticSettings.events_per_day),
-        history_days=_env_int("DAYLOOP_SYNTH_HISTORY_DAYS", SyntheticSettings.history_days),
-        replay_days=_env_int("DAYLOOP_SYNTH_REPLAY_DAYS", SyntheticSettings.replay_days),
-        drift=_env_float("DAYLOOP_SYNTH_DRIFT", SyntheticSettings.drift),
-        seed=_env_int("DAYLOOP_SYNTH_SEED", SyntheticSettings.seed),
-    )
-    settings = Settings(
-        home=home,
-        data_cache=cache,
-        source=source,
-        replay_start_override=parse_day(start_raw) if start_raw else None,
-        events_per_day=_env_int("DAYLOOP_EVENTS_PER_DAY", Settings.events_per_day),
-        replay_days=_env_int("DAYLOOP_REPLAY_DAYS", Settings.replay_days),
-        train_window_days=_env_int("DAYLOOP_TRAIN_WINDOW_DAYS", Settings.train_window_days),
-        history_length=_env_int("DAYLOOP_HISTORY_LENGTH", Settings.history_length),
-        model_name=os.environ.get("DAYLOOP_MODEL_NAME", Settings.model_name),
-        spark_driver_memory=os.environ.get("DAYLOOP_SPARK_DRIVER_MEMORY", "1g"),
-        synthetic=synthetic,
-    )
-    for name in ("events_per_day", "replay_days", "train_window_days", "history_length"):
-        if getattr(settings, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
-    return settings
+    return Settings.from_env(synthetic=SyntheticSettings.from_env())

@@ -1,8 +1,8 @@
 """The stages of the daily loop, one function per DAG task.
 
-Each function takes the logical date and references produced by earlier stages
-(paths, version numbers), does its stage, and returns a small JSON-friendly dict
-that Airflow passes on through XCom. All are safe to re-run for the same date:
+Each function is named like its DAG task, takes the logical date and references produced by
+earlier stages (paths, version numbers as ``int``), does its stage, and returns a small
+JSON-friendly dict that Airflow passes on through XCom. All are safe to re-run for the same date:
 outputs are keyed on the date and written atomically, and the registry holds at
 most one version per date. None of them imports Airflow.
 """
@@ -37,7 +37,7 @@ def _override(obj, overrides: dict[str, Any] | None):
 
 
 # ----------------------------------------------------------------------------- data
-def land(ds: dt.date, settings: Settings) -> dict[str, Any]:
+def land_partition(ds: dt.date, settings: Settings) -> dict[str, Any]:
     """Land the day's partition; on the first run also seed the history before replay day 0."""
     from dayloop.data.landing import land_partition, seed_history
     from dayloop.data.world import open_world
@@ -50,7 +50,7 @@ def land(ds: dt.date, settings: Settings) -> dict[str, Any]:
     return {"ds": ds.isoformat(), "partition": str(path), "history_days_seeded": len(seeded)}
 
 
-def validate(ds: dt.date, settings: Settings) -> dict[str, Any]:
+def validate_partition(ds: dt.date, settings: Settings) -> dict[str, Any]:
     """Run the data gate; a failing partition is quarantined and DataGateFailed raised."""
     from dayloop.quality.data_gate import run_data_gate
 
@@ -59,11 +59,11 @@ def validate(ds: dt.date, settings: Settings) -> dict[str, Any]:
     return {"ds": ds.isoformat(), "passed": True, "checks": len(result.checks)}
 
 
-def features(ds: dt.date, settings: Settings, master: str) -> dict[str, Any]:
+def build_features(ds: dt.date, settings: Settings, master: str) -> dict[str, Any]:
     """Build the point-in-time feature set with Spark."""
-    from dayloop.features.build import build_features
+    from dayloop.features import build
 
-    info = build_features(ds, settings, master=master)
+    info = build.build_features(ds, settings, master=master)
     return {
         "features": str(info.path),
         "n_train": int(info.n_train),
@@ -75,7 +75,7 @@ def features(ds: dt.date, settings: Settings, master: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- model
-def train(ds: dt.date, settings: Settings, features_path: str, overrides: dict | None = None) -> dict[str, Any]:
+def train_model(ds: dt.date, settings: Settings, features_path: str, overrides: dict | None = None) -> dict[str, Any]:
     """Train the two-tower model on the feature set; writes the bundle under models_dir."""
     from dayloop.training.train import TrainParams, train_two_tower
 
@@ -102,7 +102,7 @@ def train(ds: dt.date, settings: Settings, features_path: str, overrides: dict |
     return {"bundle": str(result.bundle_dir), "train_result": str(out / "train_result.json")}
 
 
-def register(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
+def register_model(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
              airflow_run_id: str | None = None) -> dict[str, Any]:
     """Register the bundle as a model version with lineage tags (once per date)."""
     from dayloop.registry import (TAG_AIRFLOW_RUN, TAG_CODE_VERSION, TAG_DATA_WINDOW,
@@ -126,35 +126,33 @@ def register(ds: dt.date, settings: Settings, train_out: dict, features_out: dic
 
 
 # ----------------------------------------------------------------------------- gates
-def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: str,
-                 overrides: dict | None = None) -> dict[str, Any]:
+def gate_model(ds: dt.date, settings: Settings, version: int, features_path: str,
+               overrides: dict | None = None) -> dict[str, Any]:
     """Challenger vs champion on the held-out day; tags and report on the version.
 
     Raises OfflineGateFailed (after recording the decision) when the gate says no.
     """
-    from dayloop.quality.offline_gate import GateThresholds, decision_tags, run_offline_gate
+    from dayloop.quality import offline_gate
     from dayloop.registry import CHAMPION, Registry
 
-    thresholds = _override(GateThresholds(), overrides)
+    thresholds = _override(offline_gate.GateThresholds(), overrides)
     reg = Registry(settings)
     challenger_dir = reg.download_bundle(version)
-    champion = reg.alias_version(CHAMPION)
-    champion_version = None
-    if champion is not None and str(champion.version) != str(version):
-        champion_version = str(champion.version)
-    elif champion is not None:
+    champion = reg.version_for_alias(CHAMPION)
+    champion_version = champion if champion is not None and champion != version else None
+    if champion is not None and champion_version is None:
         log.info("version %s is already the champion; re-checking it by the bootstrap rule", version)
 
     report_dir = settings.reports_dir / f"ds={ds.isoformat()}" / "offline_gate"
-    gate = run_offline_gate(
+    gate = offline_gate.gate_model(
         challenger_dir,
         reg.download_bundle(champion_version) if champion_version else None,
         Path(features_path), report_dir, thresholds,
     )
     decision = gate.decision
     reg.log_artifacts(version, report_dir, "reports/offline_gate")
-    tags = decision_tags(decision)
-    tags["gate.offline.champion_version"] = champion_version or "none"
+    tags = offline_gate.decision_tags(decision)
+    tags["gate.offline.champion_version"] = str(champion_version) if champion_version else "none"
     tags["gate.offline.evaluated_on"] = ds.isoformat()
     reg.set_tags(version, tags)
     reg.log_metrics(version, {f"offline.{k}": v for k, v in decision.metrics.items()
@@ -165,7 +163,7 @@ def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: s
     if not decision.passed:
         raise OfflineGateFailed(decision.reasons)
     return {
-        "version": str(version),
+        "version": version,
         "passed": True,
         "bootstrap": bool(decision.bootstrap),
         "champion_version": champion_version,
@@ -173,8 +171,8 @@ def offline_gate(ds: dt.date, settings: Settings, version: str, features_path: s
     }
 
 
-def build_index(ds: dt.date, settings: Settings, version: str, features_path: str,
-                recall_floor: float = 0.95) -> dict[str, Any]:
+def rebuild_index(ds: dt.date, settings: Settings, version: int, features_path: str,
+                  recall_floor: float = 0.95) -> dict[str, Any]:
     """FAISS index of the version's item embeddings, checked against exact search,
     attached to the version so model and index deploy as one unit."""
     from dayloop.features.schema import load_feature_table
@@ -212,12 +210,12 @@ def build_index(ds: dt.date, settings: Settings, version: str, features_path: st
         f"{TAG_INDEX_PREFIX}dim": str(result.dim),
     })
     log.info("index for version %s: %s recall@%d=%.4f", version, result.spec.kind, INDEX_K, result.recall)
-    return {"version": str(version), "index_uri": uri, "kind": result.spec.kind,
+    return {"version": version, "index_uri": uri, "kind": result.spec.kind,
             "recall": float(result.recall), "fingerprint": result.fingerprint,
             "build_seconds": float(info.get("build_seconds", 0.0))}
 
 
-def publish(ds: dt.date, settings: Settings, version: str) -> dict[str, Any]:
+def publish_candidate(ds: dt.date, settings: Settings, version: int) -> dict[str, Any]:
     """Hand the gated, indexed version on.
 
     Bootstrap: when the model has no champion yet, the first version that passed
@@ -225,30 +223,28 @@ def publish(ds: dt.date, settings: Settings, version: str) -> dict[str, Any]:
     becomes ``champion`` directly: there is nothing to canary against. Otherwise
     the version becomes ``challenger``, the candidate for the canary rollout.
     """
-    from dayloop.registry import CHALLENGER, CHAMPION, TAG_INDEX_PREFIX, Registry
+    from dayloop.registry import CHALLENGER, CHAMPION, TAG_GATE_DECISION, TAG_INDEX_PREFIX, TAG_PROMOTION, Registry
 
     reg = Registry(settings)
-    mv = reg.get_version(version)
-    tags = dict(mv.tags)
+    tags = reg.version_tags(version)
     missing = []
-    if tags.get("gate.offline.decision") != "pass":
-        missing.append(f"offline gate decision is {tags.get('gate.offline.decision', 'absent')!r}")
+    if tags.get(TAG_GATE_DECISION) != "pass":
+        missing.append(f"offline gate decision is {tags.get(TAG_GATE_DECISION, 'absent')!r}")
     if tags.get(f"{TAG_INDEX_PREFIX}status") != "ready":
         missing.append("no ready index is linked to the version")
     if missing:
         raise DayloopError(f"version {version} cannot be published: " + "; ".join(missing))
 
-    champion = reg.alias_version(CHAMPION)
+    champion = reg.version_for_alias(CHAMPION)
     if champion is None:
         reg.set_alias(CHAMPION, version)
-        reg.set_tags(version, {"dayloop.promotion": "bootstrap", "dayloop.promoted_for": ds.isoformat()})
-        role = CHAMPION
-    elif str(champion.version) == str(version):
+        reg.set_tags(version, {TAG_PROMOTION: "bootstrap", "dayloop.promoted_for": ds.isoformat()})
+        role, champion = CHAMPION, version
+    elif champion == version:
         role = CHAMPION
     else:
         reg.set_alias(CHALLENGER, version)
-        reg.set_tags(version, {"dayloop.promotion": "awaiting_canary"})
+        reg.set_tags(version, {TAG_PROMOTION: "awaiting_canary"})
         role = CHALLENGER
     log.info("version %s is now %s", version, role)
-    return {"version": str(version), "alias": role,
-            "champion": str(reg.alias_version(CHAMPION).version)}
+    return {"version": version, "alias": role, "champion": champion}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dayloop.bundle_layout import MODEL_META_FILE
 from dayloop.config import Settings
 from dayloop.errors import DayloopError
 
@@ -36,6 +37,9 @@ TAG_CODE_VERSION = "dayloop.code_version"
 TAG_RUN_ID = "dayloop.run_id"
 TAG_AIRFLOW_RUN = "dayloop.airflow_run_id"
 TAG_INDEX_PREFIX = "dayloop.index."
+TAG_GATE_DECISION = "gate.offline.decision"
+TAG_ROLLOUT = "dayloop.rollout."
+TAG_PROMOTION = "dayloop.promotion"
 BUNDLE_ARTIFACT = "bundle"
 INDEX_ARTIFACT = "index"
 MAX_TAG_VALUE = 5000
@@ -47,10 +51,11 @@ class RegistryError(DayloopError):
 
 @dataclass(frozen=True)
 class VersionRef:
-    """What downstream tasks need to find a registered version again."""
+    """What downstream tasks need to find a registered version again. The version number is
+    an ``int`` everywhere in Dayloop; it becomes MLflow's string only at the MLflow call."""
 
     name: str
-    version: str
+    version: int
     run_id: str
     logical_date: str
     created: bool
@@ -91,6 +96,13 @@ def code_version() -> str:
         return f"{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return f"dayloop-{dayloop.__version__}"
+
+
+def _mlflow_version(version: int) -> str:
+    """MLflow's form of a version number: the one place an ``int`` version becomes a string."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RegistryError(f"a model version number must be an int, got {version!r}")
+    return str(version)
 
 
 def _tag_value(value: Any) -> str:
@@ -160,17 +172,21 @@ class Registry:
         found = sorted(found, key=lambda v: int(v.version))
         return found[0] if found else None
 
-    def get_version(self, version: str | int):
+    def get_version(self, version: int):
         """A version by number; RegistryError naming the model when it does not exist."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version(self.name, str(int(version)))
+            return self.client.get_model_version(self.name, _mlflow_version(version))
         except (MlflowException, ValueError) as exc:
             raise RegistryError(f"model {self.name!r} has no version {version!r}") from exc
 
+    def version_tags(self, version: int) -> dict[str, str]:
+        """A version's tags (RegistryError when it does not exist)."""
+        return dict(self.get_version(version).tags)
+
     def alias_version(self, alias: str):
-        """The version an alias points at, or None."""
+        """The MLflow model version an alias points at, or None."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -178,8 +194,13 @@ class Registry:
         except MlflowException:
             return None
 
-    def set_alias(self, alias: str, version: str | int) -> None:
-        self.client.set_registered_model_alias(self.name, alias, str(version))
+    def version_for_alias(self, alias: str) -> int | None:
+        """The version number an alias points at, or None."""
+        mv = self.alias_version(alias)
+        return int(mv.version) if mv is not None else None
+
+    def set_alias(self, alias: str, version: int) -> None:
+        self.client.set_registered_model_alias(self.name, alias, _mlflow_version(version))
 
     def delete_alias(self, alias: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -189,9 +210,9 @@ class Registry:
         except MlflowException:
             pass
 
-    def set_tags(self, version: str | int, tags: dict[str, Any]) -> None:
+    def set_tags(self, version: int, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_model_version_tag(self.name, str(version), key, _tag_value(value))
+            self.client.set_model_version_tag(self.name, _mlflow_version(version), key, _tag_value(value))
 
     def register_bundle(
         self,
@@ -212,11 +233,11 @@ class Registry:
         if existing is not None:
             log.info("version %s already registered for %s; not registering again",
                      existing.version, logical_date)
-            return VersionRef(self.name, str(existing.version), existing.run_id, logical_date, False)
+            return VersionRef(self.name, int(existing.version), existing.run_id, logical_date, False)
 
         bundle_dir = Path(bundle_dir)
-        if not (bundle_dir / "model_meta.json").exists():
-            raise RegistryError(f"{bundle_dir} is not a model bundle (no model_meta.json)")
+        if not (bundle_dir / MODEL_META_FILE).exists():
+            raise RegistryError(f"{bundle_dir} is not a model bundle (no {MODEL_META_FILE})")
         experiment_id = self.experiment_id()
         self.ensure_registered_model()
         run = self.client.create_run(
@@ -249,10 +270,10 @@ class Registry:
             self.client.set_terminated(run_id, "FAILED")
             raise
         log.info("registered %s version %s for %s (run %s)", self.name, mv.version, logical_date, run_id)
-        return VersionRef(self.name, str(mv.version), run_id, logical_date, True)
+        return VersionRef(self.name, int(mv.version), run_id, logical_date, True)
 
     # ----- artifacts ---------------------------------------------------------------
-    def download_artifacts(self, version: str | int, artifact: str) -> Path:
+    def download_artifacts(self, version: int, artifact: str) -> Path:
         """Download a version run's artifact folder into a local cache (re-used when present)."""
         mv = self.get_version(version)
         dest = self.settings.models_dir / f"v{mv.version}" / artifact
@@ -268,17 +289,17 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
-    def download_bundle(self, version: str | int) -> Path:
+    def download_bundle(self, version: int) -> Path:
         return self.download_artifacts(version, BUNDLE_ARTIFACT)
 
-    def log_artifacts(self, version: str | int, local_dir: Path, artifact_path: str) -> str:
+    def log_artifacts(self, version: int, local_dir: Path, artifact_path: str) -> str:
         """Attach a folder to the version's run; returns its artifact URI."""
         mv = self.get_version(version)
         self.client.log_artifacts(mv.run_id, str(local_dir), artifact_path)
         run = self.client.get_run(mv.run_id)
         return f"{run.info.artifact_uri}/{artifact_path}"
 
-    def log_metrics(self, version: str | int, metrics: dict[str, float]) -> None:
+    def log_metrics(self, version: int, metrics: dict[str, float]) -> None:
         mv = self.get_version(version)
         for key, value in metrics.items():
             self.client.log_metric(mv.run_id, key, float(value))

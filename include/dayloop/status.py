@@ -21,7 +21,7 @@ def _fmt(value: str | None) -> str:
 
 def version_rows(settings: Settings) -> list[dict[str, str]]:
     """One dict per registered version, oldest first."""
-    from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_LOGICAL_DATE, Registry
+    from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_GATE_DECISION, TAG_LOGICAL_DATE, Registry
 
     reg = Registry(settings)
     aliases = {}
@@ -36,7 +36,7 @@ def version_rows(settings: Settings) -> list[dict[str, str]]:
             "version": str(mv.version),
             "logical_date": tags.get(TAG_LOGICAL_DATE, "-"),
             "aliases": ",".join(aliases.get(str(mv.version), [])) or "-",
-            "gate": tags.get("gate.offline.decision", "-"),
+            "gate": tags.get(TAG_GATE_DECISION, "-"),
             "vs": tags.get("gate.offline.champion_version", "-"),
             **{m.replace("_at_", "@"): _fmt(tags.get(f"gate.offline.{m}")) for m in _METRICS},
             "champion ndcg@10": _fmt(tags.get("gate.offline.champion.ndcg_at_10")),
@@ -48,11 +48,11 @@ def version_rows(settings: Settings) -> list[dict[str, str]]:
     return rows
 
 
-def reasons(settings: Settings, version: str) -> list[str]:
+def reasons(settings: Settings, version: int) -> list[str]:
     """The offline gate's reasons recorded on a version, in order."""
     from dayloop.registry import Registry
 
-    tags = dict(Registry(settings).get_version(version).tags)
+    tags = Registry(settings).version_tags(version)
     keyed = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tags.items()
                    if k.startswith("gate.offline.reason.") and k.rsplit(".", 1)[1].isdigit())
     return [v for _, v in keyed]
@@ -68,7 +68,7 @@ def render(settings: Settings) -> str:
              "  " + "  ".join(c.ljust(widths[c]) for c in cols)]
     lines += ["  " + "  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
     for r in rows:
-        why = reasons(settings, r["version"])
+        why = reasons(settings, int(r["version"]))
         if why:
             lines.append(f"  version {r['version']} gate reasons:")
             lines += [f"    - {w}" for w in why]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from string import Template
 from typing import Iterable
+
+from serving.fileio import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "prometheus.yml.tmpl"
@@ -76,15 +77,6 @@ def config_text(routers: str | Iterable[str], index_service: str | Iterable[str]
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def render_config(out_dir: Path | str, routers: str | Iterable[str],
                   index_service: str | Iterable[str] | None = None,
                   triton: str | Iterable[str] | None = None, scrape_interval: str = "1s") -> Path:
@@ -95,8 +87,8 @@ def render_config(out_dir: Path | str, routers: str | Iterable[str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Rules first: a config never points at a rules file that is not there yet.
-    _write_atomic(out / RULES_NAME, RULES.read_text())
-    _write_atomic(out / CONFIG_NAME, text)
+    atomic_write_text(out / RULES_NAME, RULES.read_text())
+    atomic_write_text(out / CONFIG_NAME, text)
     return out / CONFIG_NAME
 
 

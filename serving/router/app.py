@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.http_guards import BAD_TOKEN_DETAIL, BEARER_CHALLENGE, BodyLimit, bearer_matches
 from serving.route_store import RouteStore, StaleRevision
 from serving.router.metrics import RouterMetrics
 from serving.routing import RouteTable, RouteTableError
@@ -109,55 +110,6 @@ class FaultIn(BaseModel):
     latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     nan_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over the limit (413) before anything parses them."""
-
-    def __init__(self, app: Any, public_limit: int, admin_limit: int) -> None:
-        self.app, self.public_limit, self.admin_limit = app, public_limit, admin_limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        limit = self.admin_limit if scope["path"].startswith("/admin") else self.public_limit
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > limit
-                except ValueError:
-                    too_big = True
-                if too_big:
-                    return await _send_json(send, 413, {"detail": f"request body over {limit} bytes"})
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await _send_json(send, 413, {"detail": f"request body over {limit} bytes"})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Any, status: int, body: dict) -> None:
-    import json
-
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
 
 
 class Router:
@@ -438,9 +390,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": errors})
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not bearer_matches(authorization, settings.token):
+            raise HTTPException(401, BAD_TOKEN_DETAIL, headers=dict(BEARER_CHALLENGE))
 
     admin = [Depends(require_token)]
 
@@ -505,4 +456,4 @@ def create_app(settings: RouterSettings) -> FastAPI:
         router.faults.clear()
         return {"cleared": cleared}
 
-    return _BodyLimit(app, settings.max_body_bytes, settings.max_admin_body_bytes)  # type: ignore[return-value]
+    return BodyLimit(app, settings.max_body_bytes, settings.max_admin_body_bytes)  # type: ignore[return-value]

@@ -1,15 +1,14 @@
-"""The simulator's pure parts: the panel file, the click model, response checks and accounting.
+"""The simulator's pure parts: the click model, response checks and accounting.
 
-Nothing here does I/O beyond reading the panel and writing the stats file, so the click
-model and the counters are testable without a server. numpy and the stdlib only (the panel
-is written by the control plane; this side must not import it).
+Nothing here does I/O beyond writing the stats file, so the click model and the counters
+are testable without a server. numpy and the stdlib only. The panel file the clicks are
+drawn against is read by :mod:`serving.simulator.panel_format`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,55 +16,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-PANEL_KEYS = ("user_ids", "rel_indptr", "rel_items", "meta_json")
+from serving.fileio import atomic_write_text
 
 DEFAULT_P_RELEVANT = 0.5
 DEFAULT_P_NOISE = 0.002
-
-
-# --------------------------------------------------------------------------- panel
-
-
-@dataclass(frozen=True)
-class SimPanel:
-    """Panel users and, per user, the set of item ids they truly like."""
-
-    user_ids: np.ndarray
-    relevant: dict[int, frozenset[int]]
-    meta: dict[str, Any]
-
-    @property
-    def n_users(self) -> int:
-        return int(self.user_ids.size)
-
-
-def load_panel(path: Path | str) -> SimPanel:
-    """Read a panel ``.npz`` (user_ids, rel_indptr, rel_items, meta_json); ValueError if malformed."""
-    try:
-        data = np.load(Path(path), allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read panel {path}: {exc}") from exc
-    with data:
-        missing = [k for k in PANEL_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not a panel file: missing {missing}")
-        users = np.asarray(data["user_ids"], dtype=np.int64)
-        indptr = np.asarray(data["rel_indptr"], dtype=np.int64)
-        items = np.asarray(data["rel_items"], dtype=np.int64)
-        try:
-            meta = json.loads(str(data["meta_json"][()]))
-        except ValueError as exc:
-            raise ValueError(f"{path}: meta_json is not JSON: {exc}") from exc
-    if users.ndim != 1 or users.size == 0:
-        raise ValueError(f"{path}: the panel has no users")
-    if np.unique(users).size != users.size:
-        raise ValueError(f"{path}: user_ids are not unique")
-    if indptr.shape != (users.size + 1,) or indptr[0] != 0 or indptr[-1] != items.size \
-            or np.any(np.diff(indptr) < 0):
-        raise ValueError(f"{path}: rel_indptr does not describe rel_items for {users.size} users")
-    relevant = {int(u): frozenset(items[indptr[i]:indptr[i + 1]].tolist())
-                for i, u in enumerate(users.tolist())}
-    return SimPanel(user_ids=users, relevant=relevant, meta=meta if isinstance(meta, dict) else {})
 
 
 # --------------------------------------------------------------------------- click model
@@ -254,11 +208,5 @@ class Stats:
 
 
 def write_json_atomic(path: Path | str, doc: dict[str, Any]) -> None:
-    """Rewrite ``path`` with ``doc`` via a temp file and rename (readers never see half)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Rewrite the stats file ``path`` with ``doc`` atomically (readers never see half)."""
+    atomic_write_text(path, json.dumps(doc, sort_keys=True) + "\n")

@@ -14,23 +14,15 @@ enter the repository the same way, complete, before any load request names them.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import uuid
 from pathlib import Path
 
+from serving.fileio import atomic_write_text, file_sha256
 from serving.triton.model_config import MODEL_NAME, Kind, model_config, to_pbtxt
 
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
 MODEL_FILE = "model.pt"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_version(version: int) -> int:
@@ -50,9 +42,7 @@ def ensure_repository(repo: Path, kind: Kind = "cpu") -> Path:
     cfg_path = mdir / "config.pbtxt"
     if not cfg_path.is_file():
         cfg = model_config(kind)  # version_policy all: the folders present are the live set
-        tmp = mdir / f".config.pbtxt.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(to_pbtxt(cfg))
-        tmp.replace(cfg_path)
+        atomic_write_text(cfg_path, to_pbtxt(cfg))
     return mdir
 
 
@@ -85,9 +75,9 @@ def stage(staging: Path, version: int, model_file: Path) -> tuple[Path, bool]:
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     final = staging / str(version)
-    want = _sha256(model_file)
+    want = file_sha256(model_file)
     if (final / MODEL_FILE).is_file():
-        have = _sha256(final / MODEL_FILE)
+        have = file_sha256(final / MODEL_FILE)
         if have != want:
             raise ValueError(
                 f"version {version} is already staged with different model bytes "
@@ -99,8 +89,11 @@ def stage(staging: Path, version: int, model_file: Path) -> tuple[Path, bool]:
     try:
         shutil.copy2(model_file, tmp / MODEL_FILE)
         shutil.copy2(PYTHON_MODEL, tmp / "model.py")
-        (tmp / "SHA256").write_text(want + "\n")
-        if final.exists():  # a folder a crash left without its model file
+        (tmp / "SHA256").write_text(want + "\n")  # inside the hidden folder: atomic with it
+        # Not fileio.replace_dir: a folder a crash left without its model file is deleted
+        # before the rename, so a failed rename leaves no folder, where replace_dir would
+        # put the broken one back.
+        if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
@@ -122,6 +115,8 @@ def place(repo: Path, staging: Path, version: int) -> bool:
     tmp = mdir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         shutil.copytree(src, tmp)
+        # Not fileio.replace_dir: a version folder Triton may already serve must never be
+        # swapped; plain rename(2) fails on a non-empty folder that appeared meanwhile.
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +129,8 @@ def withdraw(repo: Path, version: int) -> bool:
     folder = model_dir(repo) / str(_check_version(version))
     if not folder.exists():
         return False
+    # Renamed out of the version folder names first, so Triton never sees half a folder
+    # while it is deleted (a removal, not a swap: nothing for fileio.replace_dir to do).
     trash = folder.with_name(f".{folder.name}.trash-{uuid.uuid4().hex[:8]}")
     folder.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
+DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if p.name != "__init__.py")  # __init__: for the contracts
 HEAVY = ("torch", "pyspark", "mlflow", "great_expectations", "faiss", "pandas", "numpy",
          "scipy", "sklearn", "matplotlib", "tritonclient")
 
@@ -159,6 +159,14 @@ def test_daily_refresh_rollout_wiring(dags):
     assert report.upstream_task_ids == {"rollout.retire_previous", "rollout.rollback_canary"}
     leaves = [t.task_id for t in dag.tasks if not t.downstream_task_ids]
     assert leaves == ["rollout.report_rollout"]
+
+
+def test_the_profiles_are_what_the_dag_offers(dags):
+    """The trigger form offers exactly the rollout profiles the plan knows (and empty)."""
+    from dayloop.rollout.plan import PROFILES
+
+    offered = dags["daily_refresh"].params.get_param("rollout_profile").schema["enum"]
+    assert set(PROFILES) == {p for p in offered if p is not None}
 
 
 def test_bad_params_are_refused(dags):

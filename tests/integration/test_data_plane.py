@@ -60,7 +60,8 @@ def plane(tmp_path_factory):
 
 
 def _revision(plane) -> int:
-    return int(plane["client"].router.routes()["revision"])
+    current = plane["client"].router.routes()
+    return current.revision if current else 0
 
 
 def _wait_applied(plane, revision: int, timeout: float = 1.0) -> float:
@@ -76,7 +77,7 @@ def _wait_applied(plane, revision: int, timeout: float = 1.0) -> float:
 
 
 def _route(plane, table, reason: str) -> int:
-    rev = plane["client"].router.write_routes(table, _revision(plane), "test", reason)["revision"]
+    rev = plane["client"].router.write_routes(table, _revision(plane), "test", reason).revision
     _wait_applied(plane, rev)
     return rev
 
@@ -124,7 +125,7 @@ def test_tables_naming_unservable_versions_are_refused(plane):
     client.index.unload_index(3)
     client.triton.unload_version(3)
     assert _revision(plane) == before
-    assert client.router.routes()["table"] == single_version_table(1).as_dict()
+    assert client.router.routes().table.as_dict() == single_version_table(1).as_dict()
 
 
 def test_the_index_service_refuses_a_mismatched_dimension(plane):
@@ -212,10 +213,10 @@ def test_zero_failed_requests_through_ramp_rollback_and_a_killed_canary(plane, t
         # ramp v2 5 -> 25 -> 50 -> 100 %, then roll back to v1 in one write
         for pct in (5, 25, 50, 100):
             rev = client.router.write_routes(canary_table(1, 2, pct, "ramp-1"), _revision(plane), "test", f"{pct}%")
-            apply_times.append(_wait_applied(plane, rev["revision"]))
+            apply_times.append(_wait_applied(plane, rev.revision))
             time.sleep(1.5)
         rev = client.router.write_routes(single_version_table(1), _revision(plane), "test", "rollback")
-        apply_times.append(_wait_applied(plane, rev["revision"]))
+        apply_times.append(_wait_applied(plane, rev.revision))
         time.sleep(1.0)
         # a new version loaded under load, routed at 25%, then its model killed while routed
         client.unload_version(2)

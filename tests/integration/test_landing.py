@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -96,7 +95,7 @@ def test_seed_history_until_is_exclusive(settings: Settings) -> None:
 
 
 def test_seed_history_uses_a_given_world(settings: Settings) -> None:
-    other = SyntheticWorld(dataclasses.replace(SYNTH, history_days=2), START)
+    other = SyntheticWorld(SYNTH.model_copy(update={"history_days": 2}), START)
     assert len(landing.seed_history(settings, world=other)) == 2
 
 

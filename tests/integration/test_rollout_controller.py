@@ -18,6 +18,7 @@ import pytest
 
 from dayloop.config import load_settings
 from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_INDEX_PREFIX, Registry
+from dayloop.rollout.context import RolloutContext
 from dayloop.rollout import bake, controller, manual
 from dayloop.rollout.deploy import RolloutAborted
 from dayloop.simulation.panel import write_panel
@@ -68,7 +69,7 @@ def world(tmp_path_factory):
         plane.start()
         os.environ["DAYLOOP_PLANE_FILE"] = str(plane.write_plane_file())
         client = DataPlaneClient.from_plane_file(os.environ["DAYLOOP_PLANE_FILE"])
-        from dayloop.rollout.serving import serve_only
+        from dayloop.rollout.pairs import serve_only
 
         serve_only(settings, client, v[0], actor="test", reason="bootstrap champion")
         stats = cfg.home / "sim.json"
@@ -83,9 +84,9 @@ def world(tmp_path_factory):
                 os.environ[k] = val
 
 
-def _bake(ctx: dict, index: int, started_at: str, state=None) -> dict:
+def _bake(ctx: RolloutContext, index: int, started_at: str, state=None) -> dict:
     """What the bake trigger does: look every interval until the step is decided."""
-    interval = ctx["plan"]["analysis_interval_seconds"]
+    interval = ctx.plan.analysis_interval_seconds
     t0 = bake.parse_time(started_at)
     k = 1
     while True:
@@ -99,7 +100,7 @@ def _bake(ctx: dict, index: int, started_at: str, state=None) -> dict:
 
 
 def _record(ctx, index, result):
-    return {"index": index, "percent": ctx["plan"]["steps"][index]["percent"], "decision": result["decision"],
+    return {"index": index, "percent": ctx.plan.steps[index].percent, "decision": result["decision"],
             "started_at": "", "ended_at": result["at"], "result": result, "looks": []}
 
 
@@ -109,29 +110,29 @@ def _failed(world) -> dict:
 
 def test_a_healthy_canary_is_promoted_through_every_step(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
-    ctx = controller.start_rollout(s, {"version": v[1], "alias": "challenger"}, FAST, "test")
-    assert ctx["mode"] == "canary" and ctx["champion"] == v[0]
+    ctx = controller.deploy_canary(s, {"version": v[1], "alias": "challenger"}, FAST, "test")
+    assert ctx.mode == "canary" and ctx.champion == v[0]
     assert int(reg.alias_version(CHALLENGER).version) == v[1]
-    started, state, steps = ctx["started_at"], None, []
-    for i, step in enumerate(ctx["plan"]["steps"]):
+    started, state, steps = ctx.started_at, None, []
+    for i, step in enumerate(ctx.plan.steps):
         result = _bake(ctx, i, started, state)
         assert result["decision"] == "pass", bake.summary_line(result)
         checks = {c["name"]: c["phase"] for c in result["analysis"]["checks"]}
         deciding = {c["name"]: c["phase"] for c in result["analysis"]["checks"] if not c["advisory"]}
         assert set(deciding.values()) == {"pass"}, checks
-        if step["percent"] < 100:
+        if step.percent < 100:
             assert {"ctr", "score_drift", "latency_p99_vs_control"} <= set(checks)
             assert [c["name"] for c in result["analysis"]["checks"] if c["advisory"]] == ["score_drift"]
         controller.record_step(s, ctx, _record(ctx, i, result))
         steps.append(result)
         state = result["ctr_state"]
-        if i + 1 < len(ctx["plan"]["steps"]):
-            started = controller.route_next_step(s, ctx, i + 1, "test")
-            shares = client.router.routes()["table"]
-            assert shares["salt"] == ctx["salt"]
-    promoted = controller.promote_rollout(s, ctx, {"outcome": "passed"}, "test")
+        if i + 1 < len(ctx.plan.steps):
+            started = controller.route_next_step(s, ctx, i + 1)
+            shares = client.router.routes().table.as_dict()
+            assert shares["salt"] == ctx.salt
+    promoted = controller.promote_canary(s, ctx, {"outcome": "passed"}, "test")
     assert promoted["promoted"] and promoted["previous"] == v[0]
-    assert client.router.routes()["table"]["routes"] == [{"start": 0, "end": 10000, "version": v[1]}]
+    assert client.router.routes().table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": v[1]}]
     assert int(reg.alias_version(CHAMPION).version) == v[1]
     assert int(reg.alias_version(PREVIOUS).version) == v[0]
     assert reg.alias_version(CHALLENGER) is None
@@ -146,33 +147,33 @@ def test_a_healthy_canary_is_promoted_through_every_step(world):
 def test_a_canary_emitting_nan_is_rolled_back_at_its_first_step(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
     champion = int(reg.alias_version(CHAMPION).version)
-    ctx = controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+    ctx = controller.deploy_canary(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
     client.router.set_fault(v[2], nan_rate=1.0)
     try:
         t0 = time.monotonic()
-        result = _bake(ctx, 0, ctx["started_at"])
+        result = _bake(ctx, 0, ctx.started_at)
         assert result["decision"] == "fail"
         assert {c["name"]: c["phase"] for c in result["analysis"]["checks"]}["nonfinite"] == "fail"
         reason = controller.fail_step(s, ctx, _record(ctx, 0, result))
-        out = controller.rollback_rollout(s, {"version": v[2]}, ctx, "test")
+        out = controller.rollback_canary(s, {"version": v[2]}, ctx, "test")
         onset_to_champion = time.monotonic() - t0
     finally:
         client.router.clear_faults()
     assert out["rolled_back"] and out["routed"] and "nonfinite" in reason
-    assert client.router.routes()["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert client.router.routes().table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": champion}]
     tags = dict(reg.get_version(v[2]).tags)
     assert tags["dayloop.rollout.status"] == "rolled_back" and "nonfinite" in tags["dayloop.rollout.reason"]
     assert reg.alias_version(CHALLENGER) is None and int(reg.alias_version(CHAMPION).version) == champion
     assert v[2] not in client.triton.ready_versions()
     assert onset_to_champion < 60
     with pytest.raises(controller.RolloutNotAllowed, match="already rolled out"):
-        controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+        controller.deploy_canary(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
     assert sum(_failed(world).values()) == 0, _failed(world)
 
 
 def test_bad_manual_rollback_requests_change_nothing(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
-    before = (client.router.routes()["revision"], reg.alias_version(CHAMPION).version,
+    before = (client.router.routes().revision, reg.alias_version(CHAMPION).version,
               reg.alias_version(PREVIOUS).version)
     bad = [dict(model="other_model", target="previous", reason="valid reason"),
            dict(model=None, target="previous", reason="no"),
@@ -183,22 +184,22 @@ def test_bad_manual_rollback_requests_change_nothing(world):
     for req in bad:
         with pytest.raises(manual.RollbackRefused):
             manual.execute_rollback(s, client, actor="test", **req)
-    after = (client.router.routes()["revision"], reg.alias_version(CHAMPION).version,
+    after = (client.router.routes().revision, reg.alias_version(CHAMPION).version,
              reg.alias_version(PREVIOUS).version)
     assert after == before
     dry = manual.execute_rollback(s, client, model=None, target="previous", reason="dry run check", actor="t",
                                   dry_run=True)
     assert dry["dry_run"] and not dry["changed"] and dry["target"] == int(before[2])
-    assert client.router.routes()["revision"] == before[0]
+    assert client.router.routes().revision == before[0]
 
 
 def test_a_manual_rollback_during_a_ramp_wins_and_the_rollout_stops(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
     champion = int(reg.alias_version(CHAMPION).version)
     previous = int(reg.alias_version(PREVIOUS).version)
-    ctx = controller.start_rollout(s, {"version": v[3], "alias": "challenger"}, FAST, "test")
+    ctx = controller.deploy_canary(s, {"version": v[3], "alias": "challenger"}, FAST, "test")
     with pytest.raises(controller.RolloutInFlight):
-        controller.start_rollout(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+        controller.deploy_canary(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
     t0 = time.monotonic()
     out = manual.execute_rollback(s, client, model=None, target="previous", reason="bad numbers on v-next",
                                   actor="alice")
@@ -206,19 +207,19 @@ def test_a_manual_rollback_during_a_ramp_wins_and_the_rollout_stops(world):
     assert out["changed"] and out["target"] == previous and out["canary_in_flight"] == v[3]
     assert elapsed < 60
     table = client.router.routes()
-    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": previous}]
-    assert table["actor"] == "manual_rollback/alice" and "bad numbers" in table["reason"]
+    assert table.table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": previous}]
+    assert table.actor == "manual_rollback/alice" and "bad numbers" in table.reason
     # The rollout sees the foreign table at its next look, and cannot write over it.
-    result = bake.look(ctx, 0, ctx["started_at"], None)
+    result = bake.look(ctx, 0, ctx.started_at, None)
     assert result["decision"] == "aborted" and "manual_rollback/alice" in result["reasons"][0]
     with pytest.raises(RolloutAborted):
-        controller.route_next_step(s, ctx, 1, "test")
+        controller.route_next_step(s, ctx, 1)
     controller.fail_step(s, ctx, _record(ctx, 0, result))
-    rb = controller.rollback_rollout(s, {"version": v[3]}, ctx, "test")
+    rb = controller.rollback_canary(s, {"version": v[3]}, ctx, "test")
     assert rb["rolled_back"] and not rb["routed"]
-    assert client.router.routes()["revision"] == table["revision"]
+    assert client.router.routes().revision == table.revision
     with pytest.raises(controller.RolloutFailed, match="aborted"):
-        controller.finish_rollout(s, {"version": v[3]}, ctx, [_record(ctx, 0, result)], None, rb,
+        controller.report_rollout(s, {"version": v[3]}, ctx, [_record(ctx, 0, result)], None, rb,
                                   world["plane"].cfg.home / "report")
     assert int(reg.alias_version(CHAMPION).version) == previous
     assert int(reg.alias_version(PREVIOUS).version) == champion
@@ -240,19 +241,19 @@ def test_a_canary_orphaned_by_a_dead_run_is_cleared_by_a_manual_rollback_to_the_
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
     champion = int(reg.alias_version(CHAMPION).version)
     previous = int(reg.alias_version(PREVIOUS).version)
-    controller.start_rollout(s, {"version": v[4], "alias": "challenger"}, FAST, "test")  # ...and the run dies
+    controller.deploy_canary(s, {"version": v[4], "alias": "challenger"}, FAST, "test")  # ...and the run dies
     from serving.launch import describe_routes
 
     line = describe_routes(world["plane"].cfg.home / "plane.json")
     assert f"v{champion} 90%" in line and f"v{v[4]} 10%" in line and "two versions routed" in line, line
     with pytest.raises(controller.RolloutInFlight, match="another rollout holds the route table"):
-        controller.start_rollout(s, {"version": v[4], "alias": "challenger"}, FAST, "test")
+        controller.deploy_canary(s, {"version": v[4], "alias": "challenger"}, FAST, "test")
     out = manual.execute_rollback(s, client, model=None, target="champion", reason="orphaned canary after a killed run",
                                   actor="bob")
     assert out["changed"] and out["target"] == champion and out["canary_in_flight"] == v[4]
     table = client.router.routes()
-    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
-    assert table["actor"] == "manual_rollback/bob"
+    assert table.table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert table.actor == "manual_rollback/bob"
     assert int(reg.alias_version(CHAMPION).version) == champion
     assert int(reg.alias_version(PREVIOUS).version) == previous
     assert reg.alias_version(CHALLENGER) is None
@@ -261,7 +262,7 @@ def test_a_canary_orphaned_by_a_dead_run_is_cleared_by_a_manual_rollback_to_the_
     # Asked again, there is nothing left to do.
     again = manual.execute_rollback(s, client, model=None, target="champion", reason="orphaned canary after a killed run",
                                     actor="bob")
-    assert not again["changed"] and client.router.routes()["revision"] == table["revision"]
+    assert not again["changed"] and client.router.routes().revision == table.revision
     time.sleep(1.0)
     assert sum(_failed(world).values()) == 0, _failed(world)
 
@@ -273,24 +274,24 @@ def test_the_run_listener_clears_only_the_canary_its_own_dead_run_left_routed(wo
 
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
     champion = int(reg.alias_version(CHAMPION).version)
-    controller.start_rollout(s, {"version": v[5], "alias": "challenger"}, FAST, "daily_refresh/run-dead")
+    controller.deploy_canary(s, {"version": v[5], "alias": "challenger"}, FAST, "daily_refresh/run-dead")
     before = client.router.routes()
     # Another run's failure, or a run that never wrote the table: nothing is touched.
     for run_id in ("run-other", "run-dead-2"):
         out = clear_after_failed_run(run_id, "timed_out", s)
         assert not out["cleared"] and "last writer" in out["why"]
-    assert client.router.routes()["revision"] == before["revision"]
+    assert client.router.routes().revision == before.revision
     out = clear_after_failed_run("run-dead", "timed_out", s)
     assert out["cleared"] and out["routed"] and out["version"] == v[5] and out["champion"] == champion, out
     table = client.router.routes()
-    assert table["table"]["routes"] == [{"start": 0, "end": 10000, "version": champion}]
-    assert table["actor"] == "daily_refresh/run-dead/listener"
+    assert table.table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert table.actor == "daily_refresh/run-dead/listener"
     tags = dict(reg.get_version(v[5]).tags)
     assert tags["dayloop.rollout.status"] == "rolled_back" and "timed_out" in tags["dayloop.rollout.reason"]
     assert reg.alias_version(CHALLENGER) is None and int(reg.alias_version(CHAMPION).version) == champion
     assert v[5] not in client.triton.ready_versions()
     # Called again (the run's own rollback already ran, say): the champion alone is routed.
     again = clear_after_failed_run("run-dead", "task_failure", s)
-    assert not again["cleared"] and client.router.routes()["revision"] == table["revision"]
+    assert not again["cleared"] and client.router.routes().revision == table.revision
     time.sleep(1.0)
     assert sum(_failed(world).values()) == 0, _failed(world)

@@ -12,7 +12,7 @@ import pytest
 
 from dayloop.config import load_settings
 from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_INDEX_PREFIX, Registry
-from dayloop.rollout.deploy import DeployFailed, deploy_canary, promote, retire, rollback, route_step
+from dayloop.rollout.deploy import DeployFailed, deploy_canary, promote, rollback, route_step
 from dayloop.simulation.panel import write_panel
 from serving.client import DataPlaneClient
 from serving.launch import DataPlane, PlaneConfig
@@ -30,7 +30,7 @@ def _register(reg: Registry, ds: str, bundle, index_dir, gate: str = "pass", ind
         f"{TAG_INDEX_PREFIX}uri": str(index_dir),
         f"{TAG_INDEX_PREFIX}fingerprint": meta["fingerprint"],
     })
-    return str(ref.version)
+    return ref.version
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def world(tmp_path_factory):
     try:
         plane.start(prometheus=False)
         client = DataPlaneClient.from_plane_file(cfg.home / "plane.json")
-        from dayloop.rollout.serving import serve_only
+        from dayloop.rollout.pairs import serve_only
 
         serve_only(settings, client, v1, actor="test", reason="bootstrap")
         stats = cfg.home / "sim.json"
@@ -72,7 +72,7 @@ def world(tmp_path_factory):
 
 
 def _table(w):
-    return w["client"].router.routes()["table"]
+    return w["client"].router.routes().table.as_dict()
 
 
 def test_deploy_ramp_rollback_then_deploy_promote_retire_with_users_running(world):
@@ -106,7 +106,7 @@ def test_deploy_ramp_rollback_then_deploy_promote_retire_with_users_running(worl
     assert dict(reg.get_version(v2).tags)["dayloop.rollout.status"] == "promoted"
     assert pr["previous"] == v1
     time.sleep(1.0)
-    retire(client, v1)
+    client.unload_version(v1)
     assert client.triton.ready_versions() == [v2]
     time.sleep(1.0)
     stats = json.loads(world["stats"].read_text())
@@ -120,15 +120,15 @@ def test_a_version_without_its_index_is_not_deployed_and_nothing_changes(world):
     with pytest.raises(Exception, match="not deployable|no ready index"):
         deploy_canary(s, client, world["v_noindex"], 10, actor="test")
     after = client.router.routes()
-    assert after["revision"] == before["revision"] and after["table"] == before["table"]
+    assert after.revision == before.revision and after.table == before.table
 
 
 def test_deploying_the_champion_or_an_unknown_version_is_refused(world):
     s, client = world["settings"], world["client"]
     champion = int(world["reg"].alias_version(CHAMPION).version)
-    before = client.router.routes()["revision"]
+    before = client.router.routes().revision
     with pytest.raises(DeployFailed, match="already the champion"):
         deploy_canary(s, client, champion, 10, actor="test")
     with pytest.raises(DeployFailed, match="does not exist|not deployable|could not load"):
         deploy_canary(s, client, 999, 10, actor="test")
-    assert client.router.routes()["revision"] == before
+    assert client.router.routes().revision == before

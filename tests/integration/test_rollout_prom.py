@@ -177,7 +177,6 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
     between(v1.clicks, BURSTS * 5, born=BURSTS * 3)  # replica b's clicks series is born in the window
     assert v1.errors == 5.0  # born series: exact, though each error series was created by its first error
     assert v1.nonfinite == 1.0  # the single NaN is seen (increase() alone would read 0)
-    assert v1.fallbacks == 0.0  # requests exist, no fallback series: none happened
     les = [le for le, _ in v1.latency_buckets]
     assert les == sorted(les) and les[-1] == math.inf and 0.005 in les and 0.05 in les
     counts = [c for _, c in v1.latency_buckets]
@@ -191,15 +190,15 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
 
     # The canary's every series is born in the window: exact.
     assert (v2.requests, v2.impressions, v2.clicks) == (BURSTS * 5, BURSTS * 5, BURSTS * 1)
-    assert (v2.errors, v2.nonfinite, v2.fallbacks) == (0.0, 0.0, 0.0)  # requests exist, nothing failed
+    assert (v2.errors, v2.nonfinite) == (0.0, 0.0)  # requests exist, nothing failed
     assert _bucket(v2.latency_buckets, 0.075) == 0.0
     assert _bucket(v2.latency_buckets, 0.1) == _bucket(v2.latency_buckets, math.inf) == BURSTS * 5
     assert _bucket(v2.score_buckets, 0.7) == 0.0
     assert _bucket(v2.score_buckets, 0.8) == BURSTS * 5
 
     # No traffic ever: every field missing, errors included (nothing proves the router saw it).
-    assert (v3.requests, v3.errors, v3.nonfinite, v3.impressions, v3.clicks, v3.fallbacks,
-            v3.latency_buckets, v3.score_buckets) == (None,) * 8
+    assert (v3.requests, v3.errors, v3.nonfinite, v3.impressions, v3.clicks,
+            v3.latency_buckets, v3.score_buckets) == (None,) * 7
 
     assert before[1].requests == 0.0 and before[1].errors == 0.0
     assert before[2].requests is None and before[2].errors is None and before[2].latency_buckets is None

@@ -241,7 +241,7 @@ def test_learned_model_beats_popularity_and_bad_model_does_not(trained: dict) ->
 
 
 def test_gate_rejects_corrupted_model_and_accepts_second_seed(trained: dict) -> None:
-    from dayloop.quality.offline_gate import GateThresholds, run_offline_gate
+    from dayloop.quality.offline_gate import GateThresholds, gate_model
 
     root, features = trained["root"], trained["features"]
     # default limits; only the latency budget is widened because the 2 cores are shared
@@ -249,19 +249,19 @@ def test_gate_rejects_corrupted_model_and_accepts_second_seed(trained: dict) -> 
     thresholds = GateThresholds(latency_budget_ms=1000.0)
     champion = trained["a"].bundle_dir
 
-    ok = run_offline_gate(trained["b"].bundle_dir, champion, features, root / "report_b", thresholds)
+    ok = gate_model(trained["b"].bundle_dir, champion, features, root / "report_b", thresholds)
     assert ok.decision.passed, ok.decision.reasons
     assert not ok.decision.bootstrap
     assert ok.report_path.is_file() and (root / "report_b" / "score_histograms.png").is_file()
 
-    bad = run_offline_gate(trained["bad"].bundle_dir, champion, features, root / "report_bad", thresholds)
+    bad = gate_model(trained["bad"].bundle_dir, champion, features, root / "report_bad", thresholds)
     assert not bad.decision.passed
     failed = " ".join(bad.decision.failures)
     assert "non-inferiority" in failed and "popularity" in failed
     html = bad.report_path.read_text()
     assert "FAILED" in html and "data:image/png;base64," in html
 
-    boot = run_offline_gate(trained["b"].bundle_dir, None, features, root / "report_boot", thresholds)
+    boot = gate_model(trained["b"].bundle_dir, None, features, root / "report_boot", thresholds)
     assert boot.decision.passed and boot.decision.bootstrap
 
 

@@ -14,7 +14,7 @@ import pytest
 from dayloop.config import Settings
 from dayloop.data.schema import items_file, partition_file, users_file
 from dayloop.errors import DataUnavailable
-from dayloop.features.build import decade, plan_inputs, sorted_vocab, window_days
+from dayloop.features.build import plan_inputs, window_days
 from dayloop.features.schema import (
     arrow_type_name,
     load_feature_table,
@@ -23,6 +23,7 @@ from dayloop.features.schema import (
     table_file,
 )
 from dayloop.features.spark import master_from_connection, resolve_spark_master
+from dayloop.features.tables import decade, sorted_vocab
 
 DS = dt.date(2026, 3, 10)
 

@@ -21,7 +21,6 @@ from dayloop.rollout.analysis import (
     Thresholds,
     VersionWindow,
     analyse,
-    binned_psi,
     ctr_log_evidence,
     ctr_ratio_upper_bound,
     histogram_quantile,
@@ -181,6 +180,18 @@ def test_error_ratio_vs_control_uses_a_lower_bound() -> None:
     assert noisy.check("error_ratio_vs_control").phase == PASS
 
 
+def test_wilson_lower_bound_matches_scipy_on_whole_counts() -> None:
+    # scipy's Wilson interval takes integers only; ours also takes increase()'s fractions.
+    from dayloop.rollout.analysis.checks import _wilson_lower
+
+    for n in (1, 10, 200, 20_000):
+        for k in sorted({0, 1, n // 3, n}):
+            for alpha in (0.001, 0.05, 0.2):
+                ci = sps.binomtest(k, n).proportion_ci(confidence_level=1 - 2 * alpha, method="wilson")
+                assert _wilson_lower(k, n, alpha) == pytest.approx(ci.low, abs=1e-12)
+    assert 0 < _wilson_lower(2.5, 200.4, 0.05) < 2.5 / 200.4
+
+
 # --------------------------------------------------------------------------- latency
 
 
@@ -203,6 +214,13 @@ def test_histogram_quantile_follows_prometheus() -> None:
     # increase() can leave a bucket a hair below the previous one: repaired like Prometheus
     jitter = Histogram((0.1, 0.2, 0.4, math.inf), (10, 9.9, 90, 100))
     assert histogram_quantile(0.5, jitter) == pytest.approx(0.2 + 0.2 * 40 / 80)
+
+
+def test_histogram_repair_is_the_shared_running_maximum() -> None:
+    from dayloop.rollout.analysis.inputs import monotone_cumulative
+
+    jitter = Histogram((0.1, 0.2, 0.4, math.inf), (10, 9.9, 90, 100))
+    assert list(jitter.monotone()) == list(monotone_cumulative(jitter.cumulative)) == [10, 10, 90, 100]
 
 
 def test_histogram_from_prometheus_pairs() -> None:
@@ -245,13 +263,6 @@ def test_p99_vs_control_fails_within_budget() -> None:
 
 
 # --------------------------------------------------------------------------- scores
-
-
-def test_binned_psi_hand_computed() -> None:
-    assert binned_psi([50, 50], [75, 25]) == pytest.approx(0.25 * math.log(1.5) + 0.25 * math.log(2.0))
-    assert binned_psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0)
-    with pytest.raises(ValueError):
-        binned_psi([1, 2], [1, 2, 3])
 
 
 def test_score_drift_detected_for_a_shifted_histogram() -> None:
@@ -481,7 +492,7 @@ def _counts(*per_bucket: float) -> Histogram:
 
 
 def test_count_above_interpolates_inside_the_bucket() -> None:
-    from dayloop.rollout.analysis import _count_above
+    from dayloop.rollout.analysis.checks import _count_above
 
     h = _counts(10, 10, 10, 10, 0, 0, 0)  # 40 observations up to 50 ms
     assert _count_above(h, 0.05) == pytest.approx(0.0)

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from serving.routing import (
+    MAX_SALT_LENGTH,
     N_BUCKETS,
     Route,
     RouteTable,
     RouteTableError,
     bucket,
     canary_table,
+    new_salt,
     single_version_table,
 )
 
@@ -97,3 +99,19 @@ def test_canary_table_rejects_bad_input():
     with pytest.raises(RouteTableError):
         canary_table(1, 2, 101, "s")
     assert RouteTable(salt="s", stable=1, routes=(Route(0, N_BUCKETS, 1),)).version_for(5) == 1
+
+
+def test_owned_by_needs_the_salt_and_the_version_routed():
+    table = canary_table(4, 5, 10, "v5-ab")
+    assert table.owned_by("v5-ab", 5)
+    assert not table.owned_by("v5-other", 5)
+    assert not single_version_table(4, "v5-ab").owned_by("v5-ab", 5)
+    assert table.owned_by("v5-ab", 4)  # the stable version owns the rest of the range
+
+
+def test_new_salts_name_the_version_and_never_repeat():
+    salts = {new_salt(7) for _ in range(200)}
+    assert len(salts) == 200 and all(s.startswith("v7-") for s in salts)
+    manual = new_salt(3, "manual")
+    assert manual.startswith("v3-manual-") and len(manual) <= MAX_SALT_LENGTH
+    single_version_table(3, manual)  # a valid salt for a table

@@ -1,4 +1,4 @@
-"""The simulator's pure parts: click model, response checks, latency histogram, panel reading."""
+"""The simulator's pure parts: click model, response checks, latency histogram, stats file."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from dayloop.simulation.panel import write_panel
 from serving.simulator.core import (
     LatencyHistogram,
     MalformedResponse,
     Stats,
     click_probabilities,
     expected_clicks,
-    load_panel,
     parse_recommendation,
     position_bias,
     simulate_clicks,
@@ -122,28 +120,6 @@ def test_stats_snapshot_reports_ctr_per_version_and_failures() -> None:
     assert doc["send_rate"] == 3.0 and doc["final"] is True
     assert doc["latency_ms"]["p50"] == pytest.approx(20.0, rel=0.05)
     json.dumps(doc)
-
-
-def test_panel_written_by_the_control_plane_reads_here(tmp_path) -> None:
-    path = write_panel(tmp_path / "p.npz", [7, 3], [[30, 10], []], {"kind": "t"})
-    panel = load_panel(path)
-    assert panel.user_ids.tolist() == [3, 7]
-    assert panel.relevant == {3: frozenset(), 7: frozenset({10, 30})}
-    assert panel.meta["kind"] == "t"
-
-
-def test_a_broken_panel_is_refused(tmp_path) -> None:
-    with pytest.raises(ValueError, match="cannot read"):
-        load_panel(tmp_path / "absent.npz")
-    path = tmp_path / "bad.npz"
-    np.savez(path, user_ids=np.array([1, 2]), rel_indptr=np.array([0, 3]),
-             rel_items=np.array([1]), meta_json=np.array("{}"))
-    with pytest.raises(ValueError, match="rel_indptr"):
-        load_panel(path)
-    np.savez(path, user_ids=np.array([], dtype=np.int64), rel_indptr=np.array([0]),
-             rel_items=np.array([], dtype=np.int64), meta_json=np.array("{}"))
-    with pytest.raises(ValueError, match="no users"):
-        load_panel(path)
 
 
 def test_stats_file_is_replaced_whole(tmp_path) -> None:

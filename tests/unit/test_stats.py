@@ -8,13 +8,28 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from dayloop.quality.stats import PSI_EPSILON, paired_noninferiority, psi
+from dayloop.quality.stats import PSI_EPSILON, paired_noninferiority, psi, psi_from_counts
 
 
 def test_psi_hand_computed() -> None:
     # one inner edge at the median 0.5: expected shares (.5, .5), actual (.75, .25)
     value = psi([0, 0, 1, 1], [0, 0, 0, 1], bins=2)
     assert value == pytest.approx(0.25 * math.log(1.5) + 0.25 * math.log(2.0))
+
+
+def test_psi_from_counts_hand_computed() -> None:
+    assert psi_from_counts([50, 50], [75, 25]) == pytest.approx(0.25 * math.log(1.5) + 0.25 * math.log(2.0))
+    assert psi_from_counts([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        psi_from_counts([1, 2], [1, 2, 3])
+
+
+def test_psi_of_samples_is_psi_of_their_bin_counts() -> None:
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=3000), rng.normal(0.2, size=2000)
+    edges = np.concatenate([[-np.inf], np.unique(np.quantile(x, np.linspace(0, 1, 11)[1:-1])), [np.inf]])
+    counts = np.histogram(x, bins=edges)[0], np.histogram(y, bins=edges)[0]
+    assert psi(x, y) == psi_from_counts(*counts)
 
 
 def test_psi_properties() -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.request
 from typing import Any
 
+import httpx
 from airflow.sdk.bases.notifier import BaseNotifier
 
 log = logging.getLogger("dayloop.alerts")
@@ -45,14 +45,20 @@ def send_alert(payload: dict[str, Any], url: str | None, timeout_s: float = 5.0)
     log.warning("ALERT %s", payload.get("text"))
     if not url:
         return True
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    # Encoded here, not by httpx: its JSON encoder refuses NaN, and a payload that cannot be
+    # encoded at all is a programming error that should raise, not an undelivered alert.
+    body = json.dumps(payload).encode()
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - operator-configured URL
-            return 200 <= resp.status < 300
+        # Redirects followed as urllib did; any other non-2xx answer is an undelivered alert.
+        resp = httpx.post(url, content=body, headers={"Content-Type": "application/json"},
+                          timeout=timeout_s, follow_redirects=True)
     except Exception as exc:  # noqa: BLE001 - an undeliverable alert must not fail the rollback
         log.error("alert not delivered to the webhook: %s", exc)
         return False
+    if not 200 <= resp.status_code < 300:
+        log.error("alert not delivered to the webhook: HTTP %s", resp.status_code)
+        return False
+    return True
 
 
 class RolloutAlertNotifier(BaseNotifier):

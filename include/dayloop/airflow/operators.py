@@ -33,40 +33,46 @@ class BakeAndRampOperator(BaseOperator):
         super().__init__(**kwargs)
         self.rollout = rollout
 
+    def _context(self):
+        from dayloop.rollout.context import context_or_none
+
+        return context_or_none(self.rollout)
+
     def execute(self, context: Any) -> dict[str, Any]:
-        ctx = self.rollout
-        if not ctx or ctx.get("mode") != "canary":
-            mode = (ctx or {}).get("mode")
+        ctx = self._context()
+        if ctx is None or not ctx.is_canary:
+            mode = ctx.mode.value if ctx else None
             self.log.info("nothing to bake: rollout mode %r", mode)
             return {"outcome": "not_needed", "mode": mode, "steps": []}
         context["ti"].xcom_push(key="steps", value=[])
-        self._bake(ctx, 0, ctx["started_at"], None, [])
+        self._bake(ctx, 0, ctx.started_at, None, [])
 
-    def _bake(self, ctx: dict[str, Any], index: int, started_at: str, ctr_state: Any, steps: list) -> None:
+    def _bake(self, ctx: Any, index: int, started_at: str, ctr_state: Any, steps: list) -> None:
         from dayloop.airflow.triggers import BakeTrigger
 
-        step = ctx["plan"]["steps"][index]
-        self.defer(trigger=BakeTrigger(rollout=ctx, step_index=index, started_at=started_at, ctr_state=ctr_state,
-                                       deferred_at=dt.datetime.now(dt.timezone.utc).isoformat()),
+        step = ctx.require_plan().steps[index]
+        self.defer(trigger=BakeTrigger(rollout=ctx.to_dict(), step_index=index, started_at=started_at,
+                                       ctr_state=ctr_state, deferred_at=dt.datetime.now(dt.timezone.utc).isoformat()),
                    method_name="step_done", kwargs={"steps": steps},
-                   timeout=dt.timedelta(seconds=float(step["max_bake_seconds"]) + DEFER_SLACK_S))
+                   timeout=dt.timedelta(seconds=step.max_bake_seconds + DEFER_SLACK_S))
 
     def step_done(self, context: Any, event: dict[str, Any] | None = None, steps: list | None = None) -> dict:
         from dayloop.airflow import tasks
 
-        ctx = self.rollout
+        ctx = self._context()
+        plan = ctx.require_plan()
         steps = list(steps or [])
         index = int(event["step"])
-        record = {"index": index, "percent": ctx["plan"]["steps"][index]["percent"], **event}
+        record = {"index": index, "percent": plan.steps[index].percent, **event}
         steps.append(record)
         context["ti"].xcom_push(key="steps", value=steps)
-        tasks.record_step(ctx, record)
+        tasks.record_step(self.rollout, record)
         if record["decision"] != "pass":
-            tasks.stop_rollout(ctx, record)  # raises AirflowFailException with the reason
-        if index + 1 < len(ctx["plan"]["steps"]):
-            started = tasks.route_next_step(ctx, index + 1)
+            tasks.stop_rollout(self.rollout, record)  # raises AirflowFailException with the reason
+        if index + 1 < len(plan.steps):
+            started = tasks.route_next_step(self.rollout, index + 1)
             self._bake(ctx, index + 1, started, event.get("ctr_state"), steps)
-        return {"outcome": "passed", "steps": len(steps), "version": ctx["version"]}
+        return {"outcome": "passed", "steps": len(steps), "version": ctx.version}
 
 
 class RetirePreviousOperator(BaseOperator):

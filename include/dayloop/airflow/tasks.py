@@ -44,6 +44,13 @@ def _day(ds: str | None):
     return parse_day(ds)
 
 
+def _context(value: dict | None):
+    """The rollout context from its XCom (None when deploy_canary never pushed one)."""
+    from dayloop.rollout.context import context_or_none
+
+    return context_or_none(value)
+
+
 def _params(params: dict | None, mapping: dict[str, str]) -> dict[str, Any]:
     """Pick the Params that override a stage's settings, dropping the unset ones."""
     params = params or {}
@@ -52,12 +59,12 @@ def _params(params: dict | None, mapping: dict[str, str]) -> dict[str, Any]:
 
 @_decided
 def land_partition(ds: str | None) -> dict:
-    return pipeline.land(_day(ds), load_settings())
+    return pipeline.land_partition(_day(ds), load_settings())
 
 
 @_decided
 def validate_partition(ds: str | None) -> dict:
-    return pipeline.validate(_day(ds), load_settings())
+    return pipeline.validate_partition(_day(ds), load_settings())
 
 
 @_decided
@@ -67,37 +74,36 @@ def build_features(ds: str | None) -> dict:
     settings = load_settings()
     master = resolve_spark_master(settings.spark_conn_id, settings.spark_master_default)
     log.info("spark master: %s", master)
-    return pipeline.features(_day(ds), settings, master)
+    return pipeline.build_features(_day(ds), settings, master)
 
 
 @_decided
 def train_model(ds: str | None, features: dict, params: dict | None = None) -> dict:
     overrides = _params(params, {"train_epochs": "epochs"})
-    return pipeline.train(_day(ds), load_settings(), features["features"], overrides)
+    return pipeline.train_model(_day(ds), load_settings(), features["features"], overrides)
 
 
 @_decided
 def register_model(ds: str | None, trained: dict, features: dict, run_id: str | None = None) -> dict:
-    return pipeline.register(_day(ds), load_settings(), trained, features, airflow_run_id=run_id)
+    return pipeline.register_model(_day(ds), load_settings(), trained, features, airflow_run_id=run_id)
 
 
 @_decided
 def gate_model(ds: str | None, registered: dict, features: dict, params: dict | None = None) -> dict:
     overrides = _params(params, {"noninferiority_margin": "noninferiority_margin"})
-    return pipeline.offline_gate(_day(ds), load_settings(), registered["version"],
-                                 features["features"], overrides)
+    return pipeline.gate_model(_day(ds), load_settings(), registered["version"], features["features"], overrides)
 
 
 @_decided
 def rebuild_index(ds: str | None, gated: dict, features: dict, params: dict | None = None) -> dict:
     floor = float((params or {}).get("index_recall_floor") or 0.95)
-    return pipeline.build_index(_day(ds), load_settings(), gated["version"], features["features"],
-                                recall_floor=floor)
+    return pipeline.rebuild_index(_day(ds), load_settings(), gated["version"], features["features"],
+                                  recall_floor=floor)
 
 
 @_decided
 def publish_candidate(ds: str | None, indexed: dict) -> dict:
-    return pipeline.publish(_day(ds), load_settings(), indexed["version"])
+    return pipeline.publish_candidate(_day(ds), load_settings(), indexed["version"])
 
 
 # --------------------------------------------------------------------------- rollout
@@ -122,7 +128,7 @@ def check_rollout_plan(params: dict | None) -> dict:
 def deploy_canary(published: dict, params: dict | None = None, run_id: str | None = None) -> dict:
     from dayloop.rollout import controller
 
-    return controller.start_rollout(load_settings(), published, params, _actor(run_id))
+    return controller.deploy_canary(load_settings(), published, params, _actor(run_id)).to_dict()
 
 
 @_decided
@@ -131,24 +137,25 @@ def route_next_step(ctx: dict, step_index: int) -> str:
     from dayloop.rollout.deploy import RolloutAborted
 
     settings = load_settings()
+    rollout = _context(ctx)
     try:
-        return controller.route_next_step(settings, ctx, step_index, ctx.get("actor") or _actor(None))
+        return controller.route_next_step(settings, rollout, step_index)
     except RolloutAborted as exc:
-        controller._record_failure(settings, int(ctx["version"]), f"aborted before step {step_index}: {exc}")
+        controller.record_failure(settings, rollout.version, f"aborted before step {step_index}: {exc}")
         raise
 
 
 def record_step(ctx: dict, record: dict) -> None:
     from dayloop.rollout import controller
 
-    controller.record_step(load_settings(), ctx, record)
+    controller.record_step(load_settings(), _context(ctx), record)
 
 
 @_decided
 def stop_rollout(ctx: dict, record: dict) -> None:
     from dayloop.rollout import controller
 
-    reason = controller.fail_step(load_settings(), ctx, record)
+    reason = controller.fail_step(load_settings(), _context(ctx), record)
     raise controller.RolloutFailed(reason)
 
 
@@ -156,20 +163,20 @@ def stop_rollout(ctx: dict, record: dict) -> None:
 def promote_canary(ctx: dict | None, baked: dict | None, run_id: str | None = None) -> dict:
     from dayloop.rollout import controller
 
-    return controller.promote_rollout(load_settings(), ctx, baked, _actor(run_id))
+    return controller.promote_canary(load_settings(), _context(ctx), baked, _actor(run_id))
 
 
 def retire_due(ctx: dict | None, promoted: dict | None) -> str | None:
     from dayloop.rollout import controller
 
-    return controller.retire_due(ctx, promoted)
+    return controller.retire_due(_context(ctx), promoted)
 
 
 @_decided
 def retire_previous(ctx: dict | None, promoted: dict | None) -> dict:
     from dayloop.rollout import controller
 
-    return controller.retire_previous(load_settings(), ctx, promoted)
+    return controller.retire_previous(load_settings(), _context(ctx), promoted)
 
 
 @_decided
@@ -178,8 +185,8 @@ def rollback_canary(ti: Any, run_id: str | None = None) -> dict:
     from dayloop.rollout import controller
 
     published = ti.xcom_pull(task_ids="index.publish_candidate")
-    ctx = ti.xcom_pull(task_ids="rollout.deploy_canary")
-    return controller.rollback_rollout(load_settings(), published, ctx, _actor(run_id))
+    ctx = _context(ti.xcom_pull(task_ids="rollout.deploy_canary"))
+    return controller.rollback_canary(load_settings(), published, ctx, _actor(run_id))
 
 
 @_decided
@@ -189,8 +196,8 @@ def report_rollout(ti: Any, ds: str | None = None) -> dict:
     settings = load_settings()
     steps = ti.xcom_pull(task_ids="rollout.bake_and_ramp", key="steps")
     out_dir = settings.reports_dir / "rollouts" / (ds or "undated")
-    return controller.finish_rollout(
-        settings, ti.xcom_pull(task_ids="index.publish_candidate"), ti.xcom_pull(task_ids="rollout.deploy_canary"),
+    return controller.report_rollout(
+        settings, ti.xcom_pull(task_ids="index.publish_candidate"), _context(ti.xcom_pull(task_ids="rollout.deploy_canary")),
         steps, ti.xcom_pull(task_ids="rollout.promote_canary"), ti.xcom_pull(task_ids="rollout.rollback_canary"),
         out_dir)
 

@@ -55,18 +55,20 @@ class BakeTrigger(BaseTrigger):
                  "ctr_state": self.ctr_state, "deferred_at": self.deferred_at})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from dayloop.jsonsafe import to_plain
         from dayloop.rollout import bake
+        from dayloop.rollout.context import RolloutContext
 
-        plan = self.rollout["plan"]
-        step = plan["steps"][self.step_index]
-        interval = float(plan["analysis_interval_seconds"])
+        ctx = RolloutContext.from_dict(self.rollout)
+        step = ctx.require_plan().steps[self.step_index]
+        interval = ctx.require_plan().analysis_interval_seconds
         start = bake.parse_time(self.started_at)
         state = self.ctr_state
         looks: list[dict[str, Any]] = []
         k = 1
         self.log.info("baking step %d (%g%%) of v%s vs v%s since %s: bake %gs, max %gs, a look every %gs",
-                      self.step_index, step["percent"], self.rollout["version"], self.rollout["champion"],
-                      self.started_at, step["bake_seconds"], step["max_bake_seconds"], interval)
+                      self.step_index, step.percent, ctx.version, ctx.champion,
+                      self.started_at, step.bake_seconds, step.max_bake_seconds, interval)
         while True:
             now = bake.now_utc()
             # Resume the step's own look schedule (after a restart, the next due look).
@@ -75,15 +77,12 @@ class BakeTrigger(BaseTrigger):
             await asyncio.sleep(max(0.0, (due - now).total_seconds()))
             k += 1
             try:
-                result = await asyncio.to_thread(bake.look, self.rollout, self.step_index, self.started_at, state)
+                result = await asyncio.to_thread(bake.look, ctx, self.step_index, self.started_at, state)
             except Exception as exc:  # noqa: BLE001 - an unexpected error is one inconclusive look
-                from dayloop.rollout.plan import from_dict
-
                 elapsed = (bake.now_utc() - start).total_seconds()
-                decision, why = bake.decide("inconclusive", elapsed,
-                                            from_dict(plan).steps[self.step_index])
+                decision, why = bake.decide("inconclusive", elapsed, step)
                 result = {"at": bake.now_utc().isoformat(timespec="seconds"), "step": self.step_index,
-                          "percent": step["percent"], "elapsed_s": round(elapsed, 1), "analysis": None,
+                          "percent": step.percent, "elapsed_s": round(elapsed, 1), "analysis": None,
                           "ctr_state": state, "decision": decision, "phase": "inconclusive",
                           "reasons": [r for r in (why, f"look failed: {type(exc).__name__}: {exc}") if r]}
             state = result.get("ctr_state", state)
@@ -99,7 +98,7 @@ class BakeTrigger(BaseTrigger):
             if hold > 0:
                 self.log.info("decided; firing in %.1f s, once the deferral has settled in the scheduler", hold)
                 await asyncio.sleep(hold)
-            yield TriggerEvent(bake.plain({"step": self.step_index, "decision": result["decision"],
+            yield TriggerEvent(to_plain({"step": self.step_index, "decision": result["decision"],
                                            "started_at": self.started_at, "ended_at": result["at"],
                                            "result": result, "looks": looks, "ctr_state": state}))
             return

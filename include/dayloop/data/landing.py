@@ -1,7 +1,9 @@
 """The landing zone: one Parquet partition per logical day, plus user/item snapshots.
 
 Every write goes to a temporary file in the destination directory and is renamed
-into place, so readers never see half a file and a failed write changes nothing.
+into place (``serving.fileio``), so readers never see half a file and a failed write
+changes nothing. The read_* functions are the one way to read it back; the data gate
+uses them.
 Re-landing identical content leaves the existing file untouched (same bytes, same
 mtime), which keeps re-runs and Airflow retries free of side effects.
 """
@@ -12,10 +14,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ from dayloop.data.schema import (
     users_file,
 )
 from dayloop.errors import DataUnavailable
+from serving.fileio import atomic_write_bytes, replace_dir
 
 if TYPE_CHECKING:
     from dayloop.data.world import World
@@ -45,26 +48,8 @@ _DS_DIR = re.compile(r"^ds=(\d{4}-\d{2}-\d{2})$")
 
 # --------------------------------------------------------------------------- helpers
 def _atomic_parquet(df: pd.DataFrame, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        df.to_parquet(tmp, index=False, engine="pyarrow")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def write_text_atomic(text: str, target: Path) -> Path:
-    """Write ``text`` to ``target`` through a temporary file and a rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    # Encoded in memory (a day is a few hundred kB), then written atomically.
+    return atomic_write_bytes(target, df.to_parquet(index=False, engine="pyarrow"))
 
 
 def frame_digest(df: pd.DataFrame) -> str:
@@ -114,12 +99,13 @@ def write_partition(df: pd.DataFrame, ds: dt.date, settings: Settings) -> Path:
     return _atomic_parquet(df.reset_index(drop=True), partition_file(settings.landing_dir, parse_day(ds)))
 
 
-def read_partition(ds: dt.date, settings: Settings) -> pd.DataFrame:
-    """Read the landed partition of ``ds`` exactly as stored; DataUnavailable if absent."""
+def read_partition(ds: dt.date, settings: Settings, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read the landed partition of ``ds`` exactly as stored (only ``columns`` when given);
+    DataUnavailable if absent."""
     path = partition_file(settings.landing_dir, parse_day(ds))
     if not path.is_file():
         raise DataUnavailable(f"no landed partition for {parse_day(ds)} at {path}")
-    return pd.read_parquet(path, engine="pyarrow")
+    return pd.read_parquet(path, engine="pyarrow", columns=None if columns is None else list(columns))
 
 
 def read_users(settings: Settings) -> pd.DataFrame:
@@ -255,12 +241,6 @@ def quarantine_partition(ds: dt.date, settings: Settings, validation: dict) -> P
             # shutil.move falls back to copy+delete otherwise.
             shutil.move(str(child), str(staging / child.name))
         src.rmdir()
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.old"
-        dst.rename(old)
-        staging.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(dst)
+    replace_dir(staging, dst)
     log.warning("quarantined partition %s to %s", ds, dst)
     return dst

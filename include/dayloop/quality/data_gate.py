@@ -26,6 +26,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,11 @@ import numpy as np
 import pandas as pd
 
 from dayloop.config import Settings, parse_day
-from dayloop.data.schema import (
-    INTERACTION_COLUMNS,
-    RATING_MAX,
-    RATING_MIN,
-    items_file,
-    partition_file,
-    users_file,
-)
-from dayloop.errors import DataGateFailed
+from dayloop.data import landing
+from dayloop.data.schema import INTERACTION_COLUMNS, RATING_MAX, RATING_MIN, partition_file
+from dayloop.errors import DataGateFailed, DataUnavailable
+from dayloop.jsonsafe import to_plain
+from serving.fileio import atomic_write_text
 
 log = logging.getLogger("dayloop.data_gate")
 
@@ -86,26 +83,10 @@ class DataGateResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (dates as ISO strings, numpy scalars as Python numbers)."""
-        return _jsonable(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self), strict_json=True, stringify=True)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (dt.date, dt.datetime, pd.Timestamp)):
-        return obj.isoformat()
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else str(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 # --------------------------------------------------------------------------- GX layer
@@ -166,7 +147,7 @@ def _expectation_reason(er) -> str:
     if "min_value" in kw or "max_value" in kw:
         bounds = (f" outside [{_fmt(kw.get('min_value'))}, {_fmt(kw.get('max_value'))}"
                   f"{')' if kw.get('strict_max') else ']'}")
-    examples = [_jsonable(v) for v in (res.get("partial_unexpected_list") or [])[:5]]
+    examples = to_plain((res.get("partial_unexpected_list") or [])[:5], strict_json=True, stringify=True)
     return (f"{name}: {res.get('unexpected_count')} of {res.get('element_count')} rows "
             f"({float(res.get('unexpected_percent') or 0.0):.2f}%){bounds}, e.g. {examples}")
 
@@ -237,9 +218,9 @@ def _run_expectations(df: pd.DataFrame, ds: dt.date, known_users, known_items,
             "column": cfg.kwargs.get("column"),
             "kind": "expectation",
             "passed": ok,
-            "observed": _jsonable({k: res[k] for k in (
+            "observed": to_plain({k: res[k] for k in (
                 "observed_value", "unexpected_count", "unexpected_percent",
-                "partial_unexpected_list", "element_count") if k in res}),
+                "partial_unexpected_list", "element_count") if k in res}, strict_json=True, stringify=True),
             "reason": None if ok else _expectation_reason(er),
         })
     return checks
@@ -263,9 +244,7 @@ def _exact_dtypes(df: pd.DataFrame) -> dict:
 
 # --------------------------------------------------------------------------- trailing days
 def _trailing(ds: dt.date, settings: Settings, window: int) -> list[dt.date]:
-    from dayloop.data.landing import landed_days
-
-    return [d for d in landed_days(settings) if d < ds][-window:] if window > 0 else []
+    return [d for d in landing.landed_days(settings) if d < ds][-window:] if window > 0 else []
 
 
 def _volume_check(n_rows: int, ds: dt.date, settings: Settings, th: DataGateThresholds) -> dict:
@@ -303,15 +282,15 @@ def _volume_check(n_rows: int, ds: dt.date, settings: Settings, th: DataGateThre
 
 def _genre_matrix(settings: Settings) -> tuple[np.ndarray, list[str]] | None:
     """Dense item_id -> genre indicator matrix from the landed item dimension."""
-    path = items_file(settings.landing_dir)
-    if not path.is_file():
+    try:
+        items = landing.read_items(settings)
+    except DataUnavailable:
         return None
-    items = pd.read_parquet(path, columns=["item_id", "genres"])
     split = items["genres"].astype(str).str.split("|")
     vocab = sorted({g for gs in split for g in gs if g})
     index = {g: i for i, g in enumerate(vocab)}
     mat = np.zeros((int(items["item_id"].max()) + 1, len(vocab)), dtype=np.float64)
-    for iid, gs in zip(items["item_id"].to_numpy(), split):
+    for iid, gs in zip(items["item_id"].to_numpy(), split, strict=True):
         for g in gs:
             if g:
                 mat[iid, index[g]] = 1.0
@@ -335,8 +314,8 @@ def _hist_drift(name: str, today: np.ndarray, ref: np.ndarray, limit: float,
         "kind": "drift",
         "passed": not failed,
         "observed": {"js_distance": js, "chi2_p": p_value, "trailing_days": n_days,
-                     "today": dict(zip(map(str, labels), today.tolist())),
-                     "trailing": dict(zip(map(str, labels), ref.tolist()))},
+                     "today": dict(zip(map(str, labels), today.tolist(), strict=True)),
+                     "trailing": dict(zip(map(str, labels), ref.tolist(), strict=True))},
         "threshold": {"js_max": limit, "alpha": alpha},
         "reason": None if not failed else (
             f"drift_{name}: Jensen-Shannon distance {js:.3f} > {limit:.3f} vs the "
@@ -350,10 +329,34 @@ def _top_share(item_ids: np.ndarray, k: int) -> tuple[int, float]:
     return top, top / max(len(item_ids), 1)
 
 
-def _drift_checks(df: pd.DataFrame, ds: dt.date, settings: Settings,
-                  th: DataGateThresholds) -> list[dict]:
+def _concentration_check(df: pd.DataFrame, frames: list[pd.DataFrame], th: DataGateThresholds) -> dict:
+    """Item concentration: today's top-k share vs the median per-day share of ``frames``."""
     from scipy.stats import binomtest
 
+    n_days = len(frames)
+    top_today, share_today = _top_share(df["item_id"].to_numpy(), th.item_top_k)
+    ref_shares = [_top_share(f["item_id"].to_numpy(), th.item_top_k)[1] for f in frames if len(f)]
+    ref_share = float(np.median(ref_shares)) if ref_shares else 0.0
+    ratio = share_today / ref_share if ref_share > 0 else math.inf
+    p_value = float(binomtest(top_today, len(df), min(max(ref_share, 1e-12), 1.0),
+                              alternative="greater").pvalue)
+    failed = ratio > th.item_top_share_max_ratio and p_value < th.drift_alpha
+    return {
+        "name": "drift_item_concentration",
+        "kind": "drift",
+        "passed": not failed,
+        "observed": {"top_k": th.item_top_k, "share": share_today, "trailing_median_share": ref_share,
+                     "ratio": ratio, "binomial_p": p_value, "trailing_days": n_days},
+        "threshold": {"max_ratio": th.item_top_share_max_ratio, "alpha": th.drift_alpha},
+        "reason": None if not failed else (
+            f"drift_item_concentration: the top {th.item_top_k} items take {share_today:.1%} of "
+            f"events vs a trailing median of {ref_share:.1%} ({ratio:.1f}x > "
+            f"{th.item_top_share_max_ratio:.1f}x, binomial p={p_value:.2g})"),
+    }
+
+
+def _drift_checks(df: pd.DataFrame, ds: dt.date, settings: Settings,
+                  th: DataGateThresholds) -> list[dict]:
     usable = (
         all(c in df.columns for c in ("item_id", "rating"))
         and pd.api.types.is_integer_dtype(df["item_id"].dtype)
@@ -366,8 +369,7 @@ def _drift_checks(df: pd.DataFrame, ds: dt.date, settings: Settings,
     frames, skipped = [], []
     for d in _trailing(ds, settings, th.drift_window_days):
         try:
-            frames.append(pd.read_parquet(partition_file(settings.landing_dir, d),
-                                          columns=["item_id", "rating"]))
+            frames.append(landing.read_partition(d, settings, columns=["item_id", "rating"]))
         except Exception:
             skipped.append(d.isoformat())
     if not frames:
@@ -396,26 +398,7 @@ def _drift_checks(df: pd.DataFrame, ds: dt.date, settings: Settings,
                                   genre_hist(ref["item_id"].to_numpy()),
                                   th.genre_js_max, th.drift_alpha, n_days, vocab))
 
-    # Item concentration: today's top-k share vs the median per-day share.
-    top_today, share_today = _top_share(df["item_id"].to_numpy(), th.item_top_k)
-    ref_shares = [_top_share(f["item_id"].to_numpy(), th.item_top_k)[1] for f in frames if len(f)]
-    ref_share = float(np.median(ref_shares)) if ref_shares else 0.0
-    ratio = share_today / ref_share if ref_share > 0 else math.inf
-    p_value = float(binomtest(top_today, len(df), min(max(ref_share, 1e-12), 1.0),
-                              alternative="greater").pvalue)
-    failed = ratio > th.item_top_share_max_ratio and p_value < th.drift_alpha
-    checks.append({
-        "name": "drift_item_concentration",
-        "kind": "drift",
-        "passed": not failed,
-        "observed": {"top_k": th.item_top_k, "share": share_today, "trailing_median_share": ref_share,
-                     "ratio": ratio, "binomial_p": p_value, "trailing_days": n_days},
-        "threshold": {"max_ratio": th.item_top_share_max_ratio, "alpha": th.drift_alpha},
-        "reason": None if not failed else (
-            f"drift_item_concentration: the top {th.item_top_k} items take {share_today:.1%} of "
-            f"events vs a trailing median of {ref_share:.1%} ({ratio:.1f}x > "
-            f"{th.item_top_share_max_ratio:.1f}x, binomial p={p_value:.2g})"),
-    })
+    checks.append(_concentration_check(df, frames, th))
     if skipped:
         for c in checks:
             c["note"] = f"unreadable trailing partitions ignored: {skipped}"
@@ -423,11 +406,12 @@ def _drift_checks(df: pd.DataFrame, ds: dt.date, settings: Settings,
 
 
 # --------------------------------------------------------------------------- public API
-def _known_ids(path: Path, column: str) -> np.ndarray | None:
-    if not path.is_file():
-        return None
+def _known_ids(read: Callable[[Settings], pd.DataFrame], settings: Settings,
+               column: str) -> np.ndarray | None:
+    """The ids of a landed dimension; None when it is absent or unreadable (the id check
+    then falls back to ids >= 1 and says so)."""
     try:
-        return np.unique(pd.read_parquet(path, columns=[column])[column].to_numpy())
+        return np.unique(read(settings)[column].to_numpy())
     except Exception:
         return None
 
@@ -448,11 +432,11 @@ def validate_partition(ds: dt.date, settings: Settings,
         stats["elapsed_s"] = round(time.perf_counter() - started, 4)
         return DataGateResult(ds=ds, passed=not reasons, reasons=reasons, checks=checks, stats=stats)
 
-    if not path.is_file():
+    try:
+        df = landing.read_partition(ds, settings)
+    except DataUnavailable:
         return finish([{"name": "partition_exists", "kind": "io", "passed": False,
                         "reason": f"partition_exists: no partition landed for {ds} at {path}"}])
-    try:
-        df = pd.read_parquet(path, engine="pyarrow")
     except Exception as exc:  # corrupt file, wrong format, truncated write by a third party
         return finish([{"name": "partition_readable", "kind": "io", "passed": False,
                         "reason": f"partition_readable: cannot read {path}: "
@@ -466,8 +450,8 @@ def validate_partition(ds: dt.date, settings: Settings,
         stats["rating_mean"] = float(df["rating"].mean()) if len(df) else None
 
     checks = [_exact_dtypes(df)]
-    known_users = _known_ids(users_file(settings.landing_dir), "user_id")
-    known_items = _known_ids(items_file(settings.landing_dir), "item_id")
+    known_users = _known_ids(landing.read_users, settings, "user_id")
+    known_items = _known_ids(landing.read_items, settings, "item_id")
     checks.extend(_run_expectations(df, ds, known_users, known_items, notes))
     checks.append(_volume_check(len(df), ds, settings, thresholds))
     checks.extend(_drift_checks(df, ds, settings, thresholds))
@@ -482,18 +466,16 @@ def validation_record_path(ds: dt.date, settings: Settings) -> Path:
 def run_data_gate(ds: dt.date, settings: Settings,
                   thresholds: DataGateThresholds = DataGateThresholds()) -> DataGateResult:
     """Validate ``ds``; quarantine and raise DataGateFailed on failure, record the result on success."""
-    from dayloop.data.landing import quarantine_partition, write_text_atomic
-
     ds = parse_day(ds)
     result = validate_partition(ds, settings, thresholds)
     if not result.passed:
         for reason in result.reasons:
             log.error("data gate %s: %s", ds, reason)
-        where = quarantine_partition(ds, settings, result.to_dict())
+        where = landing.quarantine_partition(ds, settings, result.to_dict())
         log.error("data gate %s failed (%d checks); partition quarantined at %s",
                   ds, len(result.reasons), where)
         raise DataGateFailed(result.reasons)
-    write_text_atomic(result.to_json() + "\n", validation_record_path(ds, settings))
+    atomic_write_text(validation_record_path(ds, settings), result.to_json() + "\n")
     log.info("data gate %s passed: %d rows, %d checks in %.2fs", ds, result.stats.get("rows", 0),
              len(result.checks), result.stats.get("elapsed_s", 0.0))
     return result

@@ -6,8 +6,6 @@ import base64
 import datetime as dt
 import html
 import io
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,11 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dayloop.training.metrics import parse_metric_column
+from serving.fileio import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from dayloop.quality.offline_gate import GateDecision
+    # the policy module, not the package: the package's run module imports this one
+    from dayloop.quality.offline_gate.policy import GateDecision
 
 REPORT_FILE = "offline_report.html"
 METRICS_PNG = "metric_distributions.png"
@@ -114,16 +114,66 @@ def _score_plot(samples: Mapping[str, np.ndarray], psi_value: float | None) -> b
     return _png(fig)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–" if value is None else str(value)
     return f"{value:.4f}"
+
+
+def _mean_rows(frames: Mapping[str, pd.DataFrame], columns: list[str]) -> str:
+    """Table rows: each metric's finite mean per frame, then each frame's user count."""
+    rows = []
+    for col in columns:
+        cells = []
+        for df in frames.values():
+            v = df[col].to_numpy(np.float64) if col in df.columns else np.array([])
+            v = v[np.isfinite(v)]
+            cells.append(f"<td>{_fmt(float(v.mean())) if v.size else '–'}</td>")
+        rows.append(f"<tr><th>{html.escape(col)}</th>{''.join(cells)}</tr>")
+    users_row = "".join(f"<td>{len(df)}</td>" for df in frames.values())
+    rows.append(f"<tr><th>evaluated users</th>{users_row}</tr>")
+    return "".join(rows)
+
+
+def _render(
+    decision: GateDecision, frames: Mapping[str, pd.DataFrame], columns: list[str], images: Mapping[str, bytes]
+) -> str:
+    """The self-contained HTML document (images inlined)."""
+    header = "".join(f"<th>{html.escape(label)}</th>" for label in frames)
+    reason_items = []
+    for reason in decision.reasons:
+        cls = "fail" if reason.startswith("FAIL") else ("pass" if reason.startswith("PASS") else "info")
+        reason_items.append(f'<li class="{cls}">{html.escape(reason)}</li>')
+    gate_rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in sorted(decision.metrics.items())
+    )
+    verdict = "PASSED" if decision.passed else "FAILED"
+    mode = " (bootstrap: no champion)" if decision.bootstrap else ""
+    imgs = "".join(
+        f'<h2>{html.escape(name.removesuffix(".png").replace("_", " "))}</h2>'
+        f'<img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        for name, data in images.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Dayloop offline gate: {verdict}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }}
+.verdict {{ font-size: 1.6em; font-weight: bold; color: {'#1a7f37' if decision.passed else '#cf222e'}; }}
+li.fail {{ color: #cf222e; }} li.pass {{ color: #1a7f37; }} li.info {{ color: #555; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Offline gate</h1>
+<p class="verdict">{verdict}{html.escape(mode)}</p>
+<p>generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}</p>
+<h2>Checks</h2><ul>{''.join(reason_items)}</ul>
+<h2>Mean per-user metrics</h2>
+<table><tr><th>metric</th>{header}</tr>{_mean_rows(frames, columns)}</table>
+<h2>Gate figures</h2><table>{gate_rows}</table>
+{imgs}
+</body></html>
+"""
 
 
 def write_offline_report(
@@ -154,54 +204,5 @@ def write_offline_report(
     if samples:
         images[SCORES_PNG] = _score_plot(samples, decision.metrics.get("psi"))
     for name, data in images.items():
-        _write_atomic(out_dir / name, data)
-
-    header = "".join(f"<th>{html.escape(label)}</th>" for label in frames)
-    rows = []
-    for col in columns:
-        cells = []
-        for df in frames.values():
-            v = df[col].to_numpy(np.float64) if col in df.columns else np.array([])
-            v = v[np.isfinite(v)]
-            cells.append(f"<td>{_fmt(float(v.mean())) if v.size else '–'}</td>")
-        rows.append(f"<tr><th>{html.escape(col)}</th>{''.join(cells)}</tr>")
-    users_row = "".join(f"<td>{len(df)}</td>" for df in frames.values())
-    rows.append(f"<tr><th>evaluated users</th>{users_row}</tr>")
-
-    reason_items = []
-    for reason in decision.reasons:
-        cls = "fail" if reason.startswith("FAIL") else ("pass" if reason.startswith("PASS") else "info")
-        reason_items.append(f'<li class="{cls}">{html.escape(reason)}</li>')
-    gate_rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in sorted(decision.metrics.items())
-    )
-    verdict = "PASSED" if decision.passed else "FAILED"
-    mode = " (bootstrap: no champion)" if decision.bootstrap else ""
-    imgs = "".join(
-        f'<h2>{html.escape(name.removesuffix(".png").replace("_", " "))}</h2>'
-        f'<img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-        for name, data in images.items()
-    )
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Dayloop offline gate: {verdict}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }}
-.verdict {{ font-size: 1.6em; font-weight: bold; color: {'#1a7f37' if decision.passed else '#cf222e'}; }}
-li.fail {{ color: #cf222e; }} li.pass {{ color: #1a7f37; }} li.info {{ color: #555; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>Offline gate</h1>
-<p class="verdict">{verdict}{html.escape(mode)}</p>
-<p>generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}</p>
-<h2>Checks</h2><ul>{''.join(reason_items)}</ul>
-<h2>Mean per-user metrics</h2>
-<table><tr><th>metric</th>{header}</tr>{''.join(rows)}</table>
-<h2>Gate figures</h2><table>{gate_rows}</table>
-{imgs}
-</body></html>
-"""
-    path = out_dir / REPORT_FILE
-    _write_atomic(path, doc.encode("utf-8"))
-    return path
+        atomic_write_bytes(out_dir / name, data)
+    return atomic_write_text(out_dir / REPORT_FILE, _render(decision, frames, columns, images))

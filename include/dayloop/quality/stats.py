@@ -1,5 +1,6 @@
-"""Statistics for the offline gate: population stability index and a paired
-non-inferiority test. Pure functions (numpy + scipy), no I/O."""
+"""Statistics shared by the offline gate and the canary analysis: population stability index
+(from samples or from counts) and a paired non-inferiority test. Pure functions (numpy +
+scipy), no I/O."""
 
 from __future__ import annotations
 
@@ -23,18 +24,39 @@ def _finite_1d(values: np.ndarray | list[float], name: str) -> np.ndarray:
     return arr
 
 
+def psi_from_counts(
+    expected: np.ndarray | list[float],
+    actual: np.ndarray | list[float],
+    eps: float = PSI_EPSILON,
+) -> float:
+    """Population stability index of ``actual`` against ``expected``, both given as counts on
+    the same bins: each side's shares floored at ``eps`` (see PSI_EPSILON), then
+    PSI = sum((a - e) * ln(a / e)). The one PSI formula of the project: :func:`psi` bins
+    samples and calls it, the canary analysis calls it on histogram buckets."""
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.shape != a.shape or e.ndim != 1 or e.size == 0:
+        raise ValueError(f"expected and actual must be 1-d counts on the same bins, got {e.shape} and {a.shape}")
+    if not (e.sum() > 0 and a.sum() > 0):
+        raise ValueError("both histograms need observations")
+    e_share = np.maximum(e / e.sum(), eps)
+    a_share = np.maximum(a / a.sum(), eps)
+    return float(np.sum((a_share - e_share) * np.log(a_share / e_share)))
+
+
 def psi(
     expected: np.ndarray | list[float],
     actual: np.ndarray | list[float],
     bins: int = 10,
     epsilon: float = PSI_EPSILON,
 ) -> float:
-    """Population stability index of ``actual`` against the reference ``expected``.
+    """Population stability index of ``actual`` against the reference ``expected`` (samples).
 
     Bin edges are the quantiles of ``expected`` (``bins`` equal-mass bins, duplicates
-    merged, outer edges open), shares below ``epsilon`` are raised to ``epsilon`` (see
-    PSI_EPSILON), and PSI = sum((a - e) * ln(a / e)). 0 means identical binned
-    distributions; < 0.1 is usually read as stable, > 0.25 as a major shift.
+    merged, outer edges open); the counts per bin go to :func:`psi_from_counts`. 0 means
+    identical binned distributions; < 0.1 is usually read as stable, > 0.25 as a major shift.
     """
     if int(bins) < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
@@ -44,11 +66,9 @@ def psi(
     act = _finite_1d(actual, "actual")
     inner = np.unique(np.quantile(exp, np.linspace(0, 1, int(bins) + 1)[1:-1]))
     edges = np.concatenate([[-np.inf], inner, [np.inf]])
-    e_share = np.histogram(exp, bins=edges)[0] / exp.size
-    a_share = np.histogram(act, bins=edges)[0] / act.size
-    e_share = np.maximum(e_share, epsilon)
-    a_share = np.maximum(a_share, epsilon)
-    return float(np.sum((a_share - e_share) * np.log(a_share / e_share)))
+    # The open outer edges put every sample in some bin, so count / count.sum() inside
+    # psi_from_counts is the same share as count / sample size.
+    return psi_from_counts(np.histogram(exp, bins=edges)[0], np.histogram(act, bins=edges)[0], epsilon)
 
 
 @dataclass(frozen=True)

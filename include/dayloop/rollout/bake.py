@@ -4,7 +4,8 @@ the step's window, and what does that decide.
 The bake trigger (:mod:`dayloop.airflow.triggers`) calls :func:`look` every
 ``analysis_interval_seconds`` from the start of a step, in a thread of the triggerer:
 
-* the route table is read first. If its salt is no longer this rollout's, someone else
+* the route table is read first. If it is no longer this rollout's (its salt, its canary
+  routed: ``RouteTable.owned_by``), someone else
   (the manual rollback DAG, an operator with the admin API) has taken the traffic over:
   the step ends ``aborted`` and the rollout stops without another write;
 * the window is ``[step start + drain, now - one scrape]``: requests routed before the
@@ -24,9 +25,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dayloop.jsonsafe import to_plain
 from dayloop.rollout.plan import RolloutPlan, RolloutStep
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dayloop.rollout.context import RolloutContext
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +92,18 @@ def decide(phase: str, elapsed_s: float, step: RolloutStep) -> tuple[str, str | 
     return CONTINUE, None
 
 
-def rollout_owns_routes(current: Mapping[str, Any], ctx: Mapping[str, Any]) -> bool:
-    """Does the route table still belong to this rollout (its salt, its canary routed)?"""
-    table = current.get("table") or {}
-    versions = {int(r["version"]) for r in table.get("routes", [])}
-    return table.get("salt") == ctx["salt"] and int(ctx["version"]) in versions
-
-
-def takeover_reason(client: Any, current: Mapping[str, Any]) -> str:
-    """Who wrote the revision that took the traffic from this rollout, and why."""
-    rev = current.get("revision")
-    return (f"route table taken over at revision {rev} by {current.get('actor', '?')} "
-            f"({current.get('created_at', '?')}): {current.get('reason', '')}")
-
-
-def look(ctx: Mapping[str, Any], step_index: int, started_at: str, ctr_state: Mapping[str, Any] | None,
+def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mapping[str, Any] | None,
          now: dt.datetime | None = None) -> dict[str, Any]:
     """Read the route table and Prometheus once and judge the step. Returns a JSON-safe dict:
     ``decision`` (continue/pass/fail/aborted), ``phase``, ``elapsed_s``, ``reasons``,
     ``analysis`` (Analysis.as_dict or None) and the CTR state to carry to the next look."""
     from dayloop.rollout.analysis import INCONCLUSIVE, CtrState, analyse
-    from dayloop.rollout.plan import from_dict
+    from dayloop.rollout.deploy import taken_over
     from dayloop.rollout.prom import PrometheusUnavailable, read_window, scrape_health
     from serving.client import DataPlaneClient
 
-    plan = from_dict(ctx["plan"])
+    plan = ctx.require_plan()
+    endpoints = ctx.require_endpoints()
     step = plan.steps[step_index]
     now = now or now_utc()
     start = parse_time(started_at)
@@ -119,22 +111,22 @@ def look(ctx: Mapping[str, Any], step_index: int, started_at: str, ctr_state: Ma
     out: dict[str, Any] = {"at": now.isoformat(timespec="seconds"), "step": step_index, "percent": step.percent,
                            "elapsed_s": round(elapsed, 1), "analysis": None, "ctr_state": ctr_state}
 
-    client = DataPlaneClient.from_plane_file(ctx["plane_file"])
+    client = DataPlaneClient.from_plane_file(endpoints.plane_file)
     try:
         current = client.router.routes()
     except Exception as exc:  # noqa: BLE001 - the routers unreachable: cannot judge, cannot be healthy
         return _finish(out, INCONCLUSIVE, [f"route table unreadable: {exc}"], step, elapsed)
-    if not rollout_owns_routes(current, ctx):
-        out.update(decision=ABORTED, phase=ABORTED, reasons=[takeover_reason(client, current)])
-        return plain(out)
+    if not ctx.owns(current):
+        out.update(decision=ABORTED, phase=ABORTED, reasons=[taken_over(current)])
+        return to_plain(out)
 
-    scrape = float(ctx.get("scrape_interval_s") or 1.0)
+    scrape = endpoints.scrape_interval_s
     window_start = start + dt.timedelta(seconds=plan.drain_seconds)
     window_end = now - dt.timedelta(seconds=scrape + 0.5)
     if window_end <= window_start:
         return _finish(out, INCONCLUSIVE, ["window not open yet (drain)"], step, elapsed)
-    canary, control = int(ctx["version"]), int(ctx["champion"])
-    prom_url = ctx["prom_url"]
+    canary, control = ctx.version, ctx.champion
+    prom_url = endpoints.prom_url
     try:
         health = scrape_health(prom_url, start=window_start, end=window_end, scrape_interval_seconds=scrape)
         counts = read_window(prom_url, [canary, control], window_start, window_end,
@@ -162,19 +154,7 @@ def _finish(out: dict[str, Any], phase: str, reasons: list[str], step: RolloutSt
     if why:
         reasons = [why, *reasons]
     out.update(decision=decision, phase=phase, reasons=reasons)
-    return plain(out)
-
-
-def plain(value: Any) -> Any:
-    """``value`` with numpy scalars turned into Python numbers: a trigger event is msgpack-encoded
-    by the triggerer, which refuses numpy types (the task would fail with "Trigger failure")."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and type(value).__module__ == "numpy":
-        return value.item()
-    return value
+    return to_plain(out)
 
 
 def summary_line(result: Mapping[str, Any]) -> str:

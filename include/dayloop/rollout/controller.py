@@ -2,10 +2,10 @@
 promote, retire the old version, roll back, and close the run with its outcome.
 
 Each public function here is what one Airflow task (or one resume of the bake operator)
-calls. The rollout's context travels between them as a JSON-safe dict (XCom):
-``mode`` (``canary``, ``champion`` when the version is already the one serving, ``skipped``
-when the run's ``deploy`` Param is off), the version and champion, the route salt, the
-validated plan, and where the data plane and Prometheus are.
+calls, named like its task. The rollout's state between them is a
+:class:`~dayloop.rollout.context.RolloutContext` (mode, version, champion, route salt,
+validated plan, endpoints, when step 0 began); :mod:`dayloop.airflow.tasks` turns it into
+XCom's dict and back, nothing here sees the dict.
 
 Facts are recorded where people look: the route store's history (every write has an actor
 and a reason), MLflow version tags ``dayloop.rollout.*`` (status, per-step verdicts,
@@ -17,15 +17,20 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dayloop.config import Settings
 from dayloop.errors import DayloopError
-from dayloop.rollout.bake import now_utc, rollout_owns_routes
-from dayloop.rollout.deploy import TAG_ROLLOUT, DeployFailed
+from dayloop.registry import TAG_ROLLOUT
+from dayloop.rollout.bake import now_utc
+from dayloop.rollout.context import Endpoints, RolloutContext, RolloutMode
+from dayloop.rollout.deploy import DeployFailed, taken_over
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dayloop.rollout.plan import RolloutPlan
+    from serving.client import DataPlaneClient
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +47,23 @@ class RolloutNotAllowed(DayloopError):
     """The version cannot (or must not again) be rolled out."""
 
 
-def plane_file() -> Path:
-    """The data plane description the control plane uses (``DAYLOOP_PLANE_FILE`` or
-    ``$DAYLOOP_SERVING_HOME/plane.json``, default ``$DAYLOOP_VAR/serving``)."""
-    path = os.environ.get("DAYLOOP_PLANE_FILE")
-    if path:
-        return Path(path)
-    home = os.environ.get("DAYLOOP_SERVING_HOME") or os.path.join(
-        os.environ.get("DAYLOOP_VAR", str(Path(__file__).resolve().parents[3] / "var")), "serving")
-    return Path(home) / "plane.json"
+class RolloutFailed(DayloopError):
+    """The run's version did not reach production (the reason says why)."""
 
 
-def plane_client(path: Path | str | None = None):
-    """A DataPlaneClient for the running data plane; DayloopError when none is described."""
-    from serving.client import DataPlaneClient
+def plane_client(path: Path | str | None = None) -> DataPlaneClient:
+    """A DataPlaneClient for the running data plane (``path``, else
+    :func:`serving.client.plane_file_path`); DayloopError when none is described."""
+    from serving.client import DataPlaneClient, plane_file_path
 
-    path = Path(path) if path else plane_file()
+    path = Path(path) if path else plane_file_path()
     if not path.is_file():
         raise DayloopError(f"no data plane description at {path}: start the data plane (make serve) "
                            "or set DAYLOOP_PLANE_FILE")
     return DataPlaneClient.from_plane_file(path)
 
 
-def resolve_plan(params: Mapping[str, Any] | None):
+def resolve_plan(params: Mapping[str, Any] | None) -> RolloutPlan:
     """The run's rollout plan: Param ``rollout_profile`` (default: $DAYLOOP_ROLLOUT_PROFILE, else
     prod) with the ``rollout_overrides`` object applied. InvalidPlan names a bad key or value."""
     from dayloop.rollout.plan import plan_from_params
@@ -74,7 +73,8 @@ def resolve_plan(params: Mapping[str, Any] | None):
     return plan_from_params(profile, params.get("rollout_overrides") or None)
 
 
-def _record_failure(settings: Settings, version: int, reason: str) -> None:
+def record_failure(settings: Settings, version: int, reason: str) -> None:
+    """Keep why the rollout of ``version`` stopped on its tags (best effort: it is logged too)."""
     from dayloop.registry import Registry
 
     try:
@@ -83,106 +83,104 @@ def _record_failure(settings: Settings, version: int, reason: str) -> None:
         log.warning("could not record the failure reason on v%s: %s", version, exc)
 
 
+def _client(ctx: RolloutContext) -> DataPlaneClient:
+    return plane_client(ctx.require_endpoints().plane_file)
+
+
+def _applied_at(client: DataPlaneClient, revision: int) -> str:
+    """Wait (bounded) until every router replica serves ``revision``; the step starts then.
+    A replica that stays behind is covered by the step's drain, so this never fails."""
+    if not client.router.wait_applied(revision, timeout_s=APPLY_TIMEOUT_S):
+        log.info("not every replica reported revision %s within %.0f s; the drain covers it",
+                 revision, APPLY_TIMEOUT_S)
+    return now_utc().isoformat()
+
+
 # --------------------------------------------------------------------------- deploy
 
 
-def start_rollout(settings: Settings, published: Mapping[str, Any], params: Mapping[str, Any] | None,
-                  actor: str) -> dict[str, Any]:
+def deploy_canary(settings: Settings, published: Mapping[str, Any], params: Mapping[str, Any] | None,
+                  actor: str) -> RolloutContext:
     """Deploy the published version: a challenger becomes a canary at the plan's first step;
     the champion (bootstrap) is loaded and given 100%. Returns the rollout context."""
     from dayloop.registry import CHAMPION, Registry
     from dayloop.rollout import deploy
-    from dayloop.rollout.serving import serve_only
-    from serving.routing import RouteTable
+    from dayloop.rollout.pairs import serve_only
+    from serving.client import plane_file_path
 
     params = params or {}
-    version = int(published["version"])
+    version: int = published["version"]
     if params.get("deploy") is False:
         log.warning("deploy=false: v%s is registered and gated but not deployed", version)
-        return {"mode": "skipped", "version": version, "reason": "the run's deploy Param is false"}
+        return RolloutContext(RolloutMode.SKIPPED, version, reason="the run's deploy Param is false")
     plan = resolve_plan(params)  # a bad override fails here, before any traffic moves
-    path = plane_file()
+    path = plane_file_path()
     client = plane_client(path)
     reg = Registry(settings)
-    champion = reg.alias_version(CHAMPION)
+    champion = reg.version_for_alias(CHAMPION)  # read once: every later step is judged against it
     if champion is None:
         raise RolloutNotAllowed("no champion alias: nothing to serve or canary against")
-    stable = int(champion.version)
-    base = {"version": version, "champion": stable, "plane_file": str(path),
-            "prom_url": client.endpoints["prometheus_url"],
-            "scrape_interval_s": float(client.endpoints.get("prometheus_scrape_interval_s", 1.0))}
+    endpoints = Endpoints(plane_file=str(path), prom_url=client.endpoints["prometheus_url"],
+                          scrape_interval_s=float(client.endpoints.get("prometheus_scrape_interval_s", 1.0)))
 
     current = client.router.routes()
-    table = current.get("table")
-    if version == stable or table is None:
+    if version == champion or current is None:
         # Bootstrap, a re-run of the champion's day, or a data plane with no table yet: the
         # champion must serve before anything can be compared with it.
-        out = serve_only(settings, client, stable, actor=actor, reason=f"serve champion v{stable}")
-        if version == stable:
-            return {**base, "mode": "champion", "revision": out["revision"]}
+        out = serve_only(settings, client, champion, actor=actor, reason=f"serve champion v{champion}")
+        if version == champion:
+            return RolloutContext(RolloutMode.CHAMPION, version, champion=champion, endpoints=endpoints,
+                                  revision=out["revision"])
         current = client.router.routes()
-        table = current.get("table")
-
-    shares = RouteTable.from_dict(table).shares()
-    if set(shares) != {stable}:
-        raise RolloutInFlight(
-            f"another rollout holds the route table (shares {shares} at revision {current.get('revision')}, "
-            f"written by {current.get('actor')}: {current.get('reason')}); not starting a second one")
-    status = dict(reg.get_version(version).tags).get(f"{TAG_ROLLOUT}status")
-    if status in ("rolled_back", "aborted", "promoted", "previous"):
-        raise RolloutNotAllowed(f"v{version} was already rolled out once (status {status!r}); "
-                                "a version is not canaried twice: retrain, or use manual_rollback")
+    _refuse_unless_free(reg, current, version, champion)
     reg.set_tags(version, {f"{TAG_ROLLOUT}plan": plan.name, f"{TAG_ROLLOUT}actor": actor})
     try:
         dep = deploy.deploy_canary(settings, client, version, plan.steps[0].percent, actor,
-                                   live_budget_ms=plan.thresholds["p99_budget_s"] * 1000)
+                                   live_budget_ms=plan.thresholds["p99_budget_s"] * 1000, champion=champion)
     except DeployFailed as exc:
-        _record_failure(settings, version, f"deploy: {exc}")
+        record_failure(settings, version, f"deploy: {exc}")
         raise
-    started = _wait_applied(client, dep["revision"])
-    ctx = {**base, "mode": "canary", "actor": actor, "salt": dep["salt"], "revision": dep["revision"], "plan": plan.to_dict(),
-           "live_check": dep["live_check"], "started_at": started}
+    ctx = RolloutContext(RolloutMode.CANARY, version, champion=champion, salt=dep["salt"], plan=plan,
+                         endpoints=endpoints, started_at=_applied_at(client, dep["revision"]), actor=actor,
+                         revision=dep["revision"], live_check=dep["live_check"])
     log.info("canary v%s at %g%% (revision %s) against champion v%s; plan %s: %s", version,
-             plan.steps[0].percent, dep["revision"], stable, plan.name,
+             plan.steps[0].percent, dep["revision"], champion, plan.name,
              ", ".join(f"{s.percent:g}% bake {s.bake_seconds:g}s (max {s.max_bake_seconds:g}s, "
                        f">= {s.min_requests} req)" for s in plan.steps))
     return ctx
 
 
-def _wait_applied(client: Any, revision: int) -> str:
-    """Wait (bounded) until every router replica serves ``revision``; the step starts then."""
-    deadline = time.monotonic() + APPLY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            applied = client.router.applied_revisions()
-            if applied and all(int(r) >= int(revision) for r in applied.values()):
-                break
-        except Exception as exc:  # noqa: BLE001 - a replica briefly unreachable: the drain covers it
-            log.info("replica revisions unreadable: %s", exc)
-        time.sleep(0.1)
-    return now_utc().isoformat()
+def _refuse_unless_free(reg: Any, current: Any, version: int, champion: int) -> None:
+    """One rollout at a time, and never the same version twice."""
+    shares = current.table.shares()
+    if set(shares) != {champion}:
+        raise RolloutInFlight(
+            f"another rollout holds the route table (shares {shares} at revision {current.revision}, "
+            f"written by {current.actor}: {current.reason}); not starting a second one")
+    status = reg.version_tags(version).get(f"{TAG_ROLLOUT}status")
+    if status in ("rolled_back", "aborted", "promoted", "previous"):
+        raise RolloutNotAllowed(f"v{version} was already rolled out once (status {status!r}); "
+                                "a version is not canaried twice: retrain, or use manual_rollback")
 
 
 # --------------------------------------------------------------------------- ramp
 
 
-def route_next_step(settings: Settings, ctx: Mapping[str, Any], step_index: int, actor: str) -> str:
+def route_next_step(settings: Settings, ctx: RolloutContext, step_index: int) -> str:
     """Route the plan's next step (only while the table is still this rollout's); returns
     the step's start time (after every replica applied it)."""
     from dayloop.rollout import deploy
-    from dayloop.rollout.plan import from_dict
 
-    plan = from_dict(ctx["plan"])
-    step = plan.steps[step_index]
-    client = plane_client(ctx["plane_file"])
-    out = deploy.route_step(settings, client, int(ctx["version"]), int(ctx["champion"]), step.percent,
-                            ctx["salt"], actor)
-    log.info("step %d: canary v%s now at %g%% (revision %s)", step_index, ctx["version"], step.percent,
+    step = ctx.require_plan().steps[step_index]
+    client = _client(ctx)
+    out = deploy.route_step(settings, client, ctx.version, ctx.champion, step.percent, ctx.salt,
+                            ctx.actor or "daily_refresh")
+    log.info("step %d: canary v%s now at %g%% (revision %s)", step_index, ctx.version, step.percent,
              out["revision"])
-    return _wait_applied(client, out["revision"])
+    return _applied_at(client, out["revision"])
 
 
-def record_step(settings: Settings, ctx: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+def record_step(settings: Settings, ctx: RolloutContext, record: Mapping[str, Any]) -> None:
     """Log a finished step's verdict with every number and keep it on the version's tags."""
     from dayloop.registry import Registry
 
@@ -196,8 +194,8 @@ def record_step(settings: Settings, ctx: Mapping[str, Any], record: Mapping[str,
     (log.warning if record["decision"] != "pass" else log.info)("\n".join(lines))
     summary = "; ".join([f"{record['decision']} at {final.get('elapsed_s', 0):.0f}s",
                          *[f"{c['name']}={c['phase']}" for c in checks]])
-    Registry(settings).set_tags(int(ctx["version"]), {f"{TAG_ROLLOUT}step{record['index']}": summary,
-                                                      f"{TAG_ROLLOUT}percent": f"{record['percent']:g}"})
+    Registry(settings).set_tags(ctx.version, {f"{TAG_ROLLOUT}step{record['index']}": summary,
+                                              f"{TAG_ROLLOUT}percent": f"{record['percent']:g}"})
 
 
 def step_failure_reason(record: Mapping[str, Any]) -> str:
@@ -208,58 +206,54 @@ def step_failure_reason(record: Mapping[str, Any]) -> str:
     return f"step {record['index']} ({record['percent']:g}%) {verb}: " + "; ".join(reasons)
 
 
-def fail_step(settings: Settings, ctx: Mapping[str, Any], record: Mapping[str, Any]) -> str:
+def fail_step(settings: Settings, ctx: RolloutContext, record: Mapping[str, Any]) -> str:
     """Record why the rollout stops at this step; returns the reason."""
     reason = step_failure_reason(record)
-    _record_failure(settings, int(ctx["version"]), reason)
+    record_failure(settings, ctx.version, reason)
     return reason
 
 
 # --------------------------------------------------------------------------- promote / retire
 
 
-def promote_rollout(settings: Settings, ctx: Mapping[str, Any] | None, baked: Mapping[str, Any] | None,
-                    actor: str) -> dict[str, Any]:
+def promote_canary(settings: Settings, ctx: RolloutContext | None, baked: Mapping[str, Any] | None,
+                   actor: str) -> dict[str, Any]:
     """After the last step passed: 100% to the canary as the stable version, aliases moved."""
     from dayloop.rollout import deploy
 
-    if not ctx or ctx.get("mode") != "canary":
-        return {"promoted": False, "mode": (ctx or {}).get("mode"), "why": "no canary in this run"}
+    if ctx is None or not ctx.is_canary:
+        return {"promoted": False, "mode": ctx.mode.value if ctx else None, "why": "no canary in this run"}
     if not baked or baked.get("outcome") != "passed":
         raise DayloopError(f"bake result is {baked!r}: refusing to promote")
-    client = plane_client(ctx["plane_file"])
+    client = _client(ctx)
     current = client.router.routes()
-    if not rollout_owns_routes(current, ctx):
-        raise DayloopError("route table no longer belongs to this rollout (revision "
-                           f"{current.get('revision')} by {current.get('actor')}): not promoting")
-    out = deploy.promote(settings, client, int(ctx["version"]), actor, expect_salt=ctx["salt"])
+    if not ctx.owns(current):
+        raise DayloopError(f"{taken_over(current)}: not promoting")
+    out = deploy.promote(settings, client, ctx.version, actor, expect_salt=ctx.salt)
     log.info("promoted v%s to champion (previous: v%s) at revision %s", out["version"], out["previous"],
              out["revision"])
     return {"promoted": True, "promoted_at": now_utc().isoformat(), **out}
 
 
-def retire_due(ctx: Mapping[str, Any] | None, promoted: Mapping[str, Any] | None) -> str | None:
+def retire_due(ctx: RolloutContext | None, promoted: Mapping[str, Any] | None) -> str | None:
     """When the old champion may be unloaded (ISO time: promotion + grace), or None when
     nothing is to be retired. The old version stays loaded meanwhile so a manual rollback
     to it needs no reload."""
-    from dayloop.rollout.plan import from_dict
-
-    if not promoted or not promoted.get("promoted") or not promoted.get("previous"):
+    if ctx is None or not promoted or not promoted.get("promoted") or not promoted.get("previous"):
         return None
-    grace = from_dict(ctx["plan"]).promote_grace_seconds
+    grace = ctx.require_plan().promote_grace_seconds
     since = dt.datetime.fromisoformat(promoted.get("promoted_at") or now_utc().isoformat())
     return (since + dt.timedelta(seconds=grace)).isoformat()
 
 
-def retire_previous(settings: Settings, ctx: Mapping[str, Any] | None, promoted: Mapping[str, Any] | None) -> dict:
+def retire_previous(settings: Settings, ctx: RolloutContext | None, promoted: Mapping[str, Any] | None) -> dict:
     """Unload the old champion (once its grace period is over) unless a route names it again."""
-    if retire_due(ctx, promoted) is None:
+    if ctx is None or retire_due(ctx, promoted) is None:
         return {"retired": None}
-    client = plane_client(ctx["plane_file"])
-    old = int(promoted["previous"])
-    table = client.router.routes().get("table") or {}
-    routed = {int(r["version"]) for r in table.get("routes", [])} | {int(table.get("stable", 0))}
-    if old in routed:
+    client = _client(ctx)
+    old: int = promoted["previous"]
+    current = client.router.routes()
+    if current is not None and old in current.table.versions:
         log.warning("v%s is routed again (a manual rollback?): keeping it loaded", old)
         return {"retired": None, "kept": old}
     client.unload_version(old)
@@ -270,27 +264,24 @@ def retire_previous(settings: Settings, ctx: Mapping[str, Any] | None, promoted:
 # --------------------------------------------------------------------------- rollback
 
 
-def rollback_rollout(settings: Settings, published: Mapping[str, Any] | None, ctx: Mapping[str, Any] | None,
-                     actor: str) -> dict[str, Any]:
+def rollback_canary(settings: Settings, published: Mapping[str, Any] | None, ctx: RolloutContext | None,
+                    actor: str) -> dict[str, Any]:
     """Put the champion back at 100% after any failure of the rollout; no-op when nothing of this
     run's version was deployed. ``rolled_back`` says whether anything was undone."""
     from dayloop.registry import Registry
     from dayloop.rollout import deploy
 
-    version = (ctx or {}).get("version") or (published or {}).get("version")
+    version = ctx.version if ctx else (published or {}).get("version")
     if version is None:
         return {"rolled_back": False, "why": "the run failed before a version was published"}
-    version = int(version)
-    if ctx and ctx.get("mode") in ("champion", "skipped"):
-        return {"rolled_back": False, "version": version, "why": f"mode {ctx['mode']}: no canary to undo"}
-    reg = Registry(settings)
-    tags = dict(reg.get_version(version).tags)
-    if not ctx and tags.get(f"{TAG_ROLLOUT}status") is None and tags.get(TAG_FAILURE) is None:
+    if ctx is not None and ctx.mode in (RolloutMode.CHAMPION, RolloutMode.SKIPPED):
+        return {"rolled_back": False, "version": version, "why": f"mode {ctx.mode.value}: no canary to undo"}
+    tags = Registry(settings).version_tags(version)
+    if ctx is None and tags.get(f"{TAG_ROLLOUT}status") is None and tags.get(TAG_FAILURE) is None:
         return {"rolled_back": False, "version": version, "why": "the version was never deployed"}
     reason = tags.get(TAG_FAILURE) or "a rollout task failed without a recorded reason (see its log)"
-    path = (ctx or {}).get("plane_file") or plane_file()
-    out = deploy.rollback(settings, plane_client(path), version, reason, actor,
-                          drain_seconds=2.0)
+    path = ctx.endpoints.plane_file if ctx is not None and ctx.endpoints else None
+    out = deploy.rollback(settings, plane_client(path), version, reason, actor, drain_seconds=2.0)
     return {"rolled_back": True, "reason": reason, **out}
 
 
@@ -303,23 +294,21 @@ def clear_orphaned_rollout(settings: Settings, run_actor: str, why: str,
     a promotion completed) is left alone. ``cleared`` says whether anything was undone."""
     from dayloop.registry import CHAMPION, Registry
     from dayloop.rollout import deploy
-    from serving.routing import RouteTable
 
     client = plane_client(path)
     current = client.router.routes()
-    table = current.get("table")
-    if not table or current.get("actor") != run_actor:
-        return {"cleared": False, "why": f"the route table's last writer is {current.get('actor')!r}, "
-                                         f"not {run_actor!r}"}
-    champion = Registry(settings).alias_version(CHAMPION)
+    if current is None or current.actor != run_actor:
+        writer = current.actor if current else None
+        return {"cleared": False, "why": f"the route table's last writer is {writer!r}, not {run_actor!r}"}
+    champion = Registry(settings).version_for_alias(CHAMPION)
     if champion is None:
         return {"cleared": False, "why": "no champion alias to return to"}
-    stray = sorted(set(RouteTable.from_dict(table).shares()) - {int(champion.version)})
+    stray = sorted(set(current.table.shares()) - {champion})
     if not stray:
-        return {"cleared": False, "why": f"only the champion v{champion.version} is routed"}
+        return {"cleared": False, "why": f"only the champion v{champion} is routed"}
     version = stray[0]
     reason = f"run {run_actor} ended ({why}) with v{version} still routed; rolled back by the run listener"
-    _record_failure(settings, version, reason)
+    record_failure(settings, version, reason)
     out = deploy.rollback(settings, client, version, reason, f"{run_actor}/listener", drain_seconds=2.0)
     return {"cleared": True, "rolled_back": out["routed"], "reason": reason, **out}
 
@@ -327,36 +316,39 @@ def clear_orphaned_rollout(settings: Settings, run_actor: str, why: str,
 # --------------------------------------------------------------------------- outcome
 
 
-def finish_rollout(settings: Settings, published: Mapping[str, Any] | None, ctx: Mapping[str, Any] | None,
+def _outcome(steps: list[Mapping[str, Any]] | None, promoted: Mapping[str, Any] | None,
+             rolled_back: Mapping[str, Any] | None) -> tuple[str, str]:
+    aborted = [s for s in steps or [] if s.get("decision") == "aborted"]
+    if promoted and promoted.get("promoted"):
+        return "promoted", ""
+    if aborted:
+        return "aborted", step_failure_reason(aborted[0])
+    if rolled_back and rolled_back.get("rolled_back"):
+        return "rolled_back", rolled_back.get("reason", "")
+    return "failed", "the run failed before or during its rollout (see the failed task)"
+
+
+def report_rollout(settings: Settings, published: Mapping[str, Any] | None, ctx: RolloutContext | None,
                    steps: list[Mapping[str, Any]] | None, promoted: Mapping[str, Any] | None,
                    rolled_back: Mapping[str, Any] | None, out_dir: Path) -> dict[str, Any]:
     """Decide the run's rollout outcome, write the rollout report, and raise RolloutFailed
     when the run did not end with its version serving (so a rolled-back or broken rollout can
     never end the run green)."""
-    version = (ctx or {}).get("version") or (published or {}).get("version")
-    mode = (ctx or {}).get("mode")
-    if mode == "skipped":
-        return {"outcome": "not_deployed", "version": version, "why": ctx.get("reason")}
-    if mode == "champion":
+    version = ctx.version if ctx else (published or {}).get("version")
+    if ctx is not None and ctx.mode is RolloutMode.SKIPPED:
+        return {"outcome": "not_deployed", "version": version, "why": ctx.reason}
+    if ctx is not None and ctx.mode is RolloutMode.CHAMPION:
         return {"outcome": "serving", "version": version}
-    aborted = [s for s in steps or [] if s.get("decision") == "aborted"]
-    if promoted and promoted.get("promoted"):
-        outcome, reason = "promoted", ""
-    elif aborted:
-        outcome, reason = "aborted", step_failure_reason(aborted[0])
-    elif rolled_back and rolled_back.get("rolled_back"):
-        outcome, reason = "rolled_back", rolled_back.get("reason", "")
-    else:
-        outcome, reason = "failed", "the run failed before or during its rollout (see the failed task)"
+    outcome, reason = _outcome(steps, promoted, rolled_back)
     report = None
-    if ctx and ctx.get("mode") == "canary" and steps:
+    if ctx is not None and ctx.is_canary and steps:
         from dayloop.rollout.report import write_and_log_report
 
         try:
             report = write_and_log_report(
-                settings, ctx.get("prom_url"),
-                {"version": int(ctx["version"]), "champion": int(ctx["champion"]), "salt": ctx["salt"],
-                 "plan": ctx["plan"], "outcome": outcome, "reason": reason},
+                settings, ctx.require_endpoints().prom_url,
+                {"version": ctx.version, "champion": ctx.champion, "salt": ctx.salt,
+                 "plan": ctx.require_plan().to_dict(), "outcome": outcome, "reason": reason},
                 steps, out_dir)
         except Exception as exc:  # noqa: BLE001 - a missing report must not hide the outcome
             log.warning("rollout report not written: %s", exc)
@@ -364,7 +356,3 @@ def finish_rollout(settings: Settings, published: Mapping[str, Any] | None, ctx:
     if outcome != "promoted":
         raise RolloutFailed(f"rollout of v{version} {outcome.replace('_', ' ')}" + (f": {reason}" if reason else ""))
     return result
-
-
-class RolloutFailed(DayloopError):
-    """The run's version did not reach production (the reason says why)."""

@@ -15,23 +15,30 @@ operations keeps the data plane and the registry in agreement at every instant:
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import tenacity
 
 from dayloop.config import Settings
 from dayloop.errors import DayloopError
-from dayloop.rollout.serving import load_pair, serving_pair
+from dayloop.registry import TAG_PROMOTION, TAG_ROLLOUT
+from dayloop.rollout.pairs import load_pair, serving_pair
+from dayloop.bundle_layout import USER_IDS_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from serving.client import DataPlaneClient
+    from serving.route_store import Revision
+    from serving.routing import RouteTable
 
 log = logging.getLogger(__name__)
 
-TAG_ROLLOUT = "dayloop.rollout."
+__all__ = ["TAG_ROLLOUT", "DeployFailed", "LiveCheck", "RolloutAborted", "deploy_canary", "live_check",
+           "promote", "rollback", "route_step", "taken_over", "unload_quietly", "write_routes"]
+
 ROUTE_WRITE_ATTEMPTS = 5
 
 
@@ -92,58 +99,76 @@ def _ids_scores(result: Any) -> tuple[list[int], list[float]]:
     return list(ids), list(scores)
 
 
-def _write_with_retry(client: DataPlaneClient, make_table: Any, actor: str, reason: str) -> dict[str, Any]:
-    """Route write that re-reads the revision when another writer got there first."""
+class RouteWriteLost(DayloopError):
+    """A route write lost the compare-and-swap to other writers every time it was tried."""
+
+
+def taken_over(current: Revision | None) -> str:
+    """The one sentence a rollout records when someone else now holds the route table."""
+    if current is None:
+        return "route table taken over: the store holds no table"
+    return f"route table taken over at {current.describe()}"
+
+
+def write_routes(client: DataPlaneClient, make_table: Callable[[Revision | None], RouteTable], actor: str,
+                 reason: str) -> Revision:
+    """Compare-and-swap route write that re-reads the table and tries again when another writer
+    got there first (a stale revision), up to ``ROUTE_WRITE_ATTEMPTS`` times. ``make_table``
+    sees the current revision on every attempt, so it can refuse (raise) when the table is no
+    longer the caller's; anything but a stale revision propagates at once."""
     from serving.client import RouteConflict
 
-    last: Exception | None = None
-    for _ in range(ROUTE_WRITE_ATTEMPTS):
+    def stale(exc: BaseException) -> bool:
+        return isinstance(exc, RouteConflict) and "stale" in str(exc.detail)
+
+    @tenacity.retry(retry=tenacity.retry_if_exception(stale), stop=tenacity.stop_after_attempt(ROUTE_WRITE_ATTEMPTS),
+                    wait=tenacity.wait_none(), reraise=False)
+    def attempt() -> Revision:
         current = client.router.routes()
-        try:
-            return client.router.write_routes(make_table(current), int(current.get("revision", 0)), actor, reason)
-        except RouteConflict as exc:
-            last = exc
-            if "stale" not in str(exc.detail):
-                raise
-    raise DayloopError(f"route write kept losing to other writers: {last}")
+        return client.router.write_routes(make_table(current), current.revision if current else 0, actor, reason)
+
+    try:
+        return attempt()
+    except tenacity.RetryError as exc:
+        raise RouteWriteLost(f"route write kept losing to other writers: {exc.last_attempt.exception()}") from exc
 
 
-def deploy_canary(settings: Settings, client: DataPlaneClient, version: int | str, first_percent: float,
-                  actor: str, live_budget_ms: float = 200.0) -> dict[str, Any]:
-    """Load, prove and route the first canary step. Raises DeployFailed with nothing routed."""
+def deploy_canary(settings: Settings, client: DataPlaneClient, version: int, first_percent: float, actor: str,
+                  live_budget_ms: float = 200.0, champion: int | None = None) -> dict[str, Any]:
+    """Load, prove and route the first canary step against ``champion`` (the caller's reading
+    of the alias; read here when not given). Raises DeployFailed with nothing routed."""
     from dayloop.registry import CHALLENGER, CHAMPION, Registry
-    from serving.routing import canary_table
+    from serving.routing import canary_table, new_salt
 
     reg = Registry(settings)
-    champion = reg.alias_version(CHAMPION)
+    champion = champion if champion is not None else reg.version_for_alias(CHAMPION)
     if champion is None:
         raise DeployFailed("no champion to canary against")
-    version, stable = int(version), int(champion.version)
-    if version == stable:
+    if version == champion:
         raise DeployFailed(f"version {version} is already the champion")
     try:
-        load_pair(client, serving_pair(settings, stable))
+        load_pair(client, serving_pair(settings, champion))
         pair = serving_pair(settings, version)
         loaded = load_pair(client, pair)
-        users = np.load(pair.model_file.parent / "user_ids.npy")
+        users = np.load(pair.model_file.parent / USER_IDS_FILE)
         check = live_check(client, version, users, p99_budget_ms=live_budget_ms)
     except DeployFailed:
         raise
     except Exception as exc:  # noqa: BLE001 - any load/check failure means "not deployable"
         raise DeployFailed(f"could not load version {version} on the serving tier: {exc}") from exc
     if check.problems:
-        _unload_quietly(client, version)
+        unload_quietly(client, version)
         raise DeployFailed(f"version {version} failed its live check: " + "; ".join(check.problems))
     reg.set_alias(CHALLENGER, version)
-    salt = f"v{version}-{os.urandom(4).hex()}"
-    rev = _write_with_retry(client, lambda _cur: canary_table(stable, version, first_percent, salt), actor,
-                            f"canary v{version} at {first_percent:g}% against champion v{stable}")
+    salt = new_salt(version)
+    rev = write_routes(client, lambda _cur: canary_table(champion, version, first_percent, salt), actor,
+                       f"canary v{version} at {first_percent:g}% against champion v{champion}")
     reg.set_tags(version, {f"{TAG_ROLLOUT}status": "canary", f"{TAG_ROLLOUT}salt": salt,
                            f"{TAG_ROLLOUT}percent": f"{first_percent:g}",
                            f"{TAG_ROLLOUT}live_p99_ms": f"{check.p99_ms:.2f}"})
     log.info("canary v%s live (p99 %.1f ms), routed %g%% at revision %s", version, check.p99_ms,
-             first_percent, rev["revision"])
-    return {"version": version, "champion": stable, "salt": salt, "revision": rev["revision"],
+             first_percent, rev.revision)
+    return {"version": version, "champion": champion, "salt": salt, "revision": rev.revision,
             "live_check": check.as_dict(), "loaded": bool(loaded)}
 
 
@@ -161,20 +186,17 @@ def route_step(settings: Settings, client: DataPlaneClient, version: int, champi
     from dayloop.registry import Registry
     from serving.routing import canary_table
 
-    def make_table(current: dict[str, Any]):
-        table = current.get("table") or {}
-        routed = {int(r["version"]) for r in table.get("routes", [])}
-        if table.get("salt") != salt or int(version) not in routed:
-            raise RolloutAborted(f"route table taken over at revision {current.get('revision')} by "
-                                 f"{current.get('actor', '?')}: {current.get('reason', '')}")
+    def make_table(current: Revision | None) -> RouteTable:
+        if current is None or not current.table.owned_by(salt, version):
+            raise RolloutAborted(taken_over(current))
         return canary_table(champion, version, percent, salt)
 
-    rev = _write_with_retry(client, make_table, actor, f"ramp canary v{version} to {percent:g}%")
+    rev = write_routes(client, make_table, actor, f"ramp canary v{version} to {percent:g}%")
     Registry(settings).set_tags(version, {f"{TAG_ROLLOUT}percent": f"{percent:g}"})
-    return {"revision": rev["revision"], "percent": percent}
+    return {"revision": rev.revision, "percent": percent}
 
 
-def rollback(settings: Settings, client: DataPlaneClient, version: int | str, reason: str, actor: str,
+def rollback(settings: Settings, client: DataPlaneClient, version: int, reason: str, actor: str,
              drain_seconds: float = 2.0) -> dict[str, Any]:
     """Send 100% to the champion in one write, then drain and unload the canary and record why.
 
@@ -182,92 +204,83 @@ def rollback(settings: Settings, client: DataPlaneClient, version: int | str, re
     has already taken the traffic away (a manual rollback), nothing is written over them, and
     the canary is only unloaded and tagged. ``routed`` in the result says which it was."""
     from dayloop.registry import CHALLENGER, CHAMPION, Registry
-    from serving.routing import single_version_table
+    from serving.routing import new_salt, single_version_table
 
     reg = Registry(settings)
-    champion = reg.alias_version(CHAMPION)
-    if champion is None:
+    stable = reg.version_for_alias(CHAMPION)
+    if stable is None:
         raise DayloopError("cannot roll back: no champion")
-    version, stable = int(version), int(champion.version)
     load_pair(client, serving_pair(settings, stable))  # the target must serve before it gets traffic
-    salt = f"v{stable}-{os.urandom(4).hex()}"
+    salt = new_salt(stable)
 
-    def make_table(current: dict[str, Any]):
-        table = current.get("table") or {}
-        if version not in {int(r["version"]) for r in table.get("routes", [])} | {int(table.get("stable", 0))}:
+    def make_table(current: Revision | None) -> RouteTable:
+        if current is None or version not in current.table.versions:
             raise _NotRouted(current)
         return single_version_table(stable, salt)
 
     try:
-        rev = _write_with_retry(client, make_table, actor, f"rollback of v{version}: {reason}")
+        rev: Revision | None = write_routes(client, make_table, actor, f"rollback of v{version}: {reason}")
         routed = True
     except _NotRouted as gone:
         rev, routed = gone.current, False
-        log.info("v%s no longer routed (revision %s by %s): rollback writes no route", version,
-                 rev.get("revision"), rev.get("actor"))
+        log.info("v%s no longer routed (%s): rollback writes no route", version,
+                 rev.describe() if rev else "no table")
+    revision = rev.revision if rev else None
     if routed:
         time.sleep(drain_seconds)  # replicas apply within a second; in-flight canary calls finish
     if version != stable:
-        _unload_quietly(client, version)
-    status = dict(reg.get_version(version).tags).get(f"{TAG_ROLLOUT}status")
+        unload_quietly(client, version)
+    status = reg.version_tags(version).get(f"{TAG_ROLLOUT}status")
     if status not in ("rolled_back", "aborted") or routed:
         reg.set_tags(version, {f"{TAG_ROLLOUT}status": "rolled_back", f"{TAG_ROLLOUT}reason": reason[:4000],
-                               f"{TAG_ROLLOUT}rolled_back_at_revision": str(rev.get("revision"))})
-    challenger = reg.alias_version(CHALLENGER)
-    if challenger is not None and int(challenger.version) == version:
+                               f"{TAG_ROLLOUT}rolled_back_at_revision": str(revision)})
+    if reg.version_for_alias(CHALLENGER) == version:
         reg.delete_alias(CHALLENGER)
-    log.warning("rolled back v%s to champion v%s (revision %s): %s", version, stable, rev.get("revision"), reason)
-    return {"version": version, "champion": stable, "revision": rev.get("revision"), "routed": routed}
+    log.warning("rolled back v%s to champion v%s (revision %s): %s", version, stable, revision, reason)
+    return {"version": version, "champion": stable, "revision": revision, "routed": routed}
 
 
 class _NotRouted(Exception):
-    def __init__(self, current: dict[str, Any]) -> None:
+    def __init__(self, current: Revision | None) -> None:
         super().__init__("version not routed")
         self.current = current
 
 
-def promote(settings: Settings, client: DataPlaneClient, version: int | str, actor: str,
+def promote(settings: Settings, client: DataPlaneClient, version: int, actor: str,
             expect_salt: str | None = None) -> dict[str, Any]:
     """Make ``version`` the stable one at 100% and move the aliases (old champion -> previous).
 
     With ``expect_salt`` the write happens only while the table is still that rollout's
     (RolloutAborted otherwise, nothing written)."""
     from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry
-    from serving.routing import single_version_table
+    from serving.routing import new_salt, single_version_table
 
     reg = Registry(settings)
-    champion = reg.alias_version(CHAMPION)
-    version = int(version)
-    old = int(champion.version) if champion is not None else None
+    old = reg.version_for_alias(CHAMPION)
     load_pair(client, serving_pair(settings, version))
-    salt = f"v{version}-{os.urandom(4).hex()}"
-    def make_table(current: dict[str, Any]):
-        table = current.get("table") or {}
-        if expect_salt is not None and table.get("salt") != expect_salt:
-            raise RolloutAborted(f"route table taken over at revision {current.get('revision')} by "
-                                 f"{current.get('actor', '?')}: {current.get('reason', '')}")
+    salt = new_salt(version)
+
+    def make_table(current: Revision | None) -> RouteTable:
+        if expect_salt is not None and (current is None or current.table.salt != expect_salt):
+            raise RolloutAborted(taken_over(current))
         return single_version_table(version, salt)
 
-    rev = _write_with_retry(client, make_table, actor, f"promote v{version}" + (f" (was v{old})" if old else ""))
+    rev = write_routes(client, make_table, actor, f"promote v{version}" + (f" (was v{old})" if old else ""))
     if old is not None and old != version:
         reg.set_alias(PREVIOUS, old)
         reg.set_tags(old, {f"{TAG_ROLLOUT}status": "previous"})
     reg.set_alias(CHAMPION, version)
-    challenger = reg.alias_version(CHALLENGER)
-    if challenger is not None and int(challenger.version) == version:
+    if reg.version_for_alias(CHALLENGER) == version:
         reg.delete_alias(CHALLENGER)
     reg.set_tags(version, {f"{TAG_ROLLOUT}status": "promoted", f"{TAG_ROLLOUT}percent": "100",
-                           "dayloop.promotion": "canary",
-                           f"{TAG_ROLLOUT}promoted_at_revision": str(rev["revision"])})
-    return {"version": version, "previous": old, "revision": rev["revision"]}
+                           TAG_PROMOTION: "canary",
+                           f"{TAG_ROLLOUT}promoted_at_revision": str(rev.revision)})
+    return {"version": version, "previous": old, "revision": rev.revision}
 
 
-def retire(client: DataPlaneClient, version: int) -> dict[str, Any]:
-    """Unload a version no route names any more (after a promotion's grace period)."""
-    return client.unload_version(int(version))
-
-
-def _unload_quietly(client: DataPlaneClient, version: int) -> None:
+def unload_quietly(client: DataPlaneClient, version: int) -> None:
+    """Unload both halves of a version no route names any more; failures are logged, not raised
+    (the route table no longer sends it anyone, so a leftover costs memory, not users)."""
     try:
         client.index.unload_index(version)
     except Exception as exc:  # noqa: BLE001 - best effort: the route table no longer names it

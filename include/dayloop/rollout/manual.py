@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -26,11 +25,12 @@ from typing import Any
 
 from dayloop.config import Settings
 from dayloop.errors import DayloopError
-from dayloop.rollout.deploy import TAG_ROLLOUT
+from dayloop.registry import TAG_PROMOTION, TAG_ROLLOUT
 
 log = logging.getLogger(__name__)
 
 TAG_MANUAL = "dayloop.manual_rollback."
+APPLY_TIMEOUT_S = 5.0
 MIN_REASON = 5
 MAX_REASON = 2000
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
@@ -41,7 +41,7 @@ class RollbackRefused(DayloopError):
 
 
 def _was_champion(tags: Mapping[str, str]) -> bool:
-    return (tags.get("dayloop.promotion") in ("bootstrap", "canary", "manual")
+    return (tags.get(TAG_PROMOTION) in ("bootstrap", "canary", "manual")
             or tags.get(f"{TAG_ROLLOUT}status") in ("promoted", "previous", "champion"))
 
 
@@ -49,8 +49,7 @@ def plan_rollback(settings: Settings, client: Any, *, model: str | None, target:
                   force: bool = False) -> dict[str, Any]:
     """Validate a rollback request and describe it; raises RollbackRefused (nothing changed)."""
     from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry
-    from dayloop.rollout.serving import serving_pair
-    from serving.routing import RouteTable
+    from dayloop.rollout.pairs import serving_pair
 
     problems = []
     if model not in (None, "", settings.model_name):
@@ -67,18 +66,18 @@ def plan_rollback(settings: Settings, client: Any, *, model: str | None, target:
 
     reg = Registry(settings)
     if target_text in (PREVIOUS, CHAMPION):
-        mv = reg.alias_version(target_text)
-        if mv is None:
+        aliased = reg.version_for_alias(target_text)
+        if aliased is None:
             raise RollbackRefused(f"alias {target_text!r} is not set on {settings.model_name}: name a version")
-        version = int(mv.version)
+        version = aliased
     else:
         version = int(target_text)
     try:
-        tags = dict(reg.get_version(version).tags)
+        tags = reg.version_tags(version)
     except DayloopError as exc:
         raise RollbackRefused(f"version {version} does not exist in {settings.model_name}") from exc
     if not force and not _was_champion(tags):
-        raise RollbackRefused(f"v{version} was never champion (promotion {tags.get('dayloop.promotion')!r}, "
+        raise RollbackRefused(f"v{version} was never champion (promotion {tags.get(TAG_PROMOTION)!r}, "
                               f"rollout status {tags.get(f'{TAG_ROLLOUT}status')!r}); set force to use it anyway")
     try:
         serving_pair(settings, version, require_gate=not force)
@@ -86,22 +85,20 @@ def plan_rollback(settings: Settings, client: Any, *, model: str | None, target:
         raise RollbackRefused(str(exc)) from exc
 
     current = client.router.routes()
-    table = current.get("table")
-    shares = RouteTable.from_dict(table).shares() if table else {}
-    champion = reg.alias_version(CHAMPION)
-    challenger = reg.alias_version(CHALLENGER)
+    shares = current.table.shares() if current else {}
+    champion = reg.version_for_alias(CHAMPION)
+    challenger = reg.version_for_alias(CHALLENGER)
     canary = None
-    if len(shares) > 1:
-        stable = int(table["stable"])
-        canary = next((v for v in shares if v != stable), None)
-    elif challenger is not None and int(challenger.version) in shares and int(challenger.version) != version:
-        canary = int(challenger.version)
+    if current is not None and len(shares) > 1:
+        canary = next((v for v in shares if v != current.table.stable), None)
+    elif challenger is not None and challenger in shares and challenger != version:
+        canary = challenger
     return {
         "target": version, "target_alias": target_text if target_text in (PREVIOUS, CHAMPION) else None,
-        "champion": int(champion.version) if champion else None,
-        "revision": int(current.get("revision", 0)), "shares": {str(k): v for k, v in shares.items()},
+        "champion": champion,
+        "revision": current.revision if current else 0, "shares": {str(k): v for k, v in shares.items()},
         "canary_in_flight": canary,
-        "already_serving": shares == {version: 1.0} and champion is not None and int(champion.version) == version,
+        "already_serving": shares == {version: 1.0} and champion == version,
         "forced": bool(force),
     }
 
@@ -110,9 +107,9 @@ def execute_rollback(settings: Settings, client: Any, *, model: str | None, targ
                      actor: str, dry_run: bool = False, force: bool = False) -> dict[str, Any]:
     """Validate again, then route 100% to the target and move the aliases (see module doc)."""
     from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, Registry
-    from dayloop.rollout.deploy import _unload_quietly, _write_with_retry
-    from dayloop.rollout.serving import load_pair, serving_pair
-    from serving.routing import single_version_table
+    from dayloop.rollout.deploy import unload_quietly, write_routes
+    from dayloop.rollout.pairs import load_pair, serving_pair
+    from serving.routing import new_salt, single_version_table
 
     t0 = time.monotonic()
     plan = plan_rollback(settings, client, model=model, target=target, reason=reason, force=force)
@@ -129,11 +126,12 @@ def execute_rollback(settings: Settings, client: Any, *, model: str | None, targ
     reg = Registry(settings)
     pair = serving_pair(settings, version, require_gate=not force)
     load_pair(client, pair)  # the target serves before it is given users
-    salt = f"v{version}-manual-{os.urandom(3).hex()}"
+    salt = new_salt(version, "manual")
     route_reason = f"manual rollback to v{version} by {actor}: {reason.strip()}"
-    rev = _write_with_retry(client, lambda _cur: single_version_table(version, salt), f"manual_rollback/{actor}",
-                            route_reason)
-    _wait_applied(client, int(rev["revision"]))
+    rev = write_routes(client, lambda _cur: single_version_table(version, salt), f"manual_rollback/{actor}",
+                       route_reason)
+    if not client.router.wait_applied(rev.revision, timeout_s=APPLY_TIMEOUT_S):
+        log.warning("not every replica reported revision %s within %.0f s", rev.revision, APPLY_TIMEOUT_S)
     routed_s = time.monotonic() - t0
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -147,29 +145,15 @@ def execute_rollback(settings: Settings, client: Any, *, model: str | None, targ
         reg.set_tags(canary, {f"{TAG_ROLLOUT}status": "aborted",
                               f"{TAG_ROLLOUT}reason": f"aborted by manual rollback to v{version} ({actor}): "
                                                       f"{reason.strip()}"[:4000]})
-        challenger = reg.alias_version(CHALLENGER)
-        if challenger is not None and int(challenger.version) == canary:
+        if reg.version_for_alias(CHALLENGER) == canary:
             reg.delete_alias(CHALLENGER)
         time.sleep(1.0)  # in-flight canary calls finish; the table no longer names it
-        _unload_quietly(client, canary)
-    reg.set_tags(version, {f"{TAG_ROLLOUT}status": "champion", "dayloop.promotion": "manual",
+        unload_quietly(client, canary)
+    reg.set_tags(version, {f"{TAG_ROLLOUT}status": "champion", TAG_PROMOTION: "manual",
                            f"{TAG_MANUAL}actor": actor, f"{TAG_MANUAL}at": now,
                            f"{TAG_MANUAL}reason": reason.strip()[:4000],
-                           f"{TAG_MANUAL}from_version": str(old), f"{TAG_MANUAL}revision": str(rev["revision"])})
+                           f"{TAG_MANUAL}from_version": str(old), f"{TAG_MANUAL}revision": str(rev.revision)})
     log.warning("manual rollback: v%s serves 100%% (revision %s, %.1f s after the request) by %s: %s",
-                version, rev["revision"], routed_s, actor, reason.strip())
-    return {**plan, "dry_run": False, "changed": True, "revision": int(rev["revision"]),
+                version, rev.revision, routed_s, actor, reason.strip())
+    return {**plan, "dry_run": False, "changed": True, "revision": rev.revision,
             "routed_after_s": round(routed_s, 2), "actor": actor, "at": now}
-
-
-def _wait_applied(client: Any, revision: int, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            applied = client.router.applied_revisions()
-            if applied and all(int(r) >= revision for r in applied.values()):
-                return
-        except Exception:  # noqa: BLE001 - a replica briefly unreachable: keep waiting
-            pass
-        time.sleep(0.1)
-    log.warning("not every replica reported revision %s within %.0f s", revision, timeout_s)

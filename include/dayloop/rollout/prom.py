@@ -4,13 +4,15 @@ window ``[start, end]`` (a ramp step's window, not a recording rule's fixed 30 s
 Every figure is the increase of the routers' raw counters over the window, summed over
 router replicas (``sum by (version)``), evaluated by one instant query at ``end``:
 
-* requests, errors, nonfinite, impressions, clicks, fallbacks: ``dayloop_router_*_total``;
+* requests, errors, nonfinite, impressions, clicks: ``dayloop_router_*_total`` (the routers'
+  fallback counter is for dashboards and the fallback-ratio rule; no analysis reads it, so
+  no look queries it);
 * latency and score histograms: the increase of each ``_bucket`` series, as cumulative
   ``(le, count)`` pairs sorted by ``le`` and ending at ``+Inf``.
 
 Missing is not zero. A version with no series for a counter gets ``None`` (the analysis
-reads that as inconclusive), except the router's failure counters (errors, nonfinite,
-fallbacks): prometheus_client creates a labelled child only on its first increment, so a
+reads that as inconclusive), except the router's failure counters (errors, nonfinite):
+prometheus_client creates a labelled child only on its first increment, so a
 version that never failed has no such series at all. When the same version's requests
 series exists, the router is demonstrably reporting on that version and the absence means
 "none happened", so those read 0.0; without it they stay ``None``. Clicks are not
@@ -45,14 +47,13 @@ COUNTERS = {
     "nonfinite": "dayloop_router_nonfinite_total",
     "impressions": "dayloop_router_impressions_total",
     "clicks": "dayloop_router_clicks_total",
-    "fallbacks": "dayloop_router_fallbacks_total",
 }
 HISTOGRAMS = {
     "latency_buckets": "dayloop_router_request_seconds_bucket",
     "score_buckets": "dayloop_router_score_bucket",
 }
 # Failure counters whose series appear only on the first failure (see the module docstring).
-ZERO_WHEN_REQUESTS_EXIST = ("errors", "nonfinite", "fallbacks")
+ZERO_WHEN_REQUESTS_EXIST = ("errors", "nonfinite")
 ROUTER_JOB = "router"
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -75,12 +76,12 @@ class VersionCounts:
     nonfinite: float | None
     impressions: float | None
     clicks: float | None
-    fallbacks: float | None
     latency_buckets: list[tuple[float, float]] | None
     score_buckets: list[tuple[float, float]] | None
 
 
-def _aware(t: datetime, name: str) -> datetime:
+def require_aware(t: datetime, name: str) -> datetime:
+    """``t`` itself, if it is a timezone-aware datetime (else ValueError naming ``name``)."""
     # A naive datetime's timestamp() is local time: off by hours on a non-UTC host.
     if not isinstance(t, datetime) or t.tzinfo is None or t.utcoffset() is None:
         raise ValueError(f"{name} must be a timezone-aware datetime, got {t!r}")
@@ -93,8 +94,8 @@ def window_seconds(start: datetime, end: datetime, scrape_interval_seconds: floa
     Rounding up keeps every event of the window inside the range; two scrape intervals is
     the least range in which an existing series has the two samples ``increase()`` needs.
     """
-    _aware(start, "start")
-    _aware(end, "end")
+    require_aware(start, "start")
+    require_aware(end, "end")
     span = (end - start).total_seconds()
     if span <= 0:
         raise ValueError(f"end ({end.isoformat()}) must be after start ({start.isoformat()})")
@@ -104,7 +105,8 @@ def window_seconds(start: datetime, end: datetime, scrape_interval_seconds: floa
     return max(math.ceil(span - 1e-3), math.ceil(2 * scrape_interval_seconds))
 
 
-def _versions_selector(versions: list[int]) -> str:
+def versions_selector(versions: list[int]) -> str:
+    """The PromQL label matcher for ``versions`` (positive integers only)."""
     if not versions:
         raise ValueError("at least one version is needed")
     for v in versions:
@@ -126,7 +128,8 @@ def window_query(metric: str, selector: str, window: int, by: str = "version") -
             f" or (last_over_time({x}[{window}s]) unless {existed}))")
 
 
-def _connect(prom_url: str, timeout_s: float):
+def connect(prom_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """A Prometheus API client for ``prom_url`` (a context manager: ``with connect(url) as c``)."""
     from prometheus_api_client import PrometheusConnect
     from urllib3.util.retry import Retry
 
@@ -138,18 +141,40 @@ def _connect(prom_url: str, timeout_s: float):
     return PrometheusConnect(url=prom_url.rstrip("/"), disable_ssl=False, retry=retry, timeout=timeout_s)
 
 
-def _query(client: Any, query: str, at: datetime) -> list[dict[str, Any]]:
-    import requests
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What a client call raises when Prometheus is unreachable or answers garbage.
+
+    The client library talks HTTP through requests, whose exceptions all derive from
+    OSError; catching OSError keeps our own code off a second HTTP stack (the control
+    plane's own calls use httpx). ValueError/KeyError/TypeError: a 200 answer that is not
+    Prometheus' JSON (a proxy page)."""
     from prometheus_api_client.exceptions import PrometheusApiClientException
 
+    return (OSError, PrometheusApiClientException, ValueError, KeyError, TypeError)
+
+
+def _query(client: Any, query: str, at: datetime) -> list[dict[str, Any]]:
     try:
         result = client.custom_query(query, params={"time": f"{at.timestamp():.3f}"})
-    except (requests.RequestException, PrometheusApiClientException, ValueError, KeyError, TypeError) as exc:
-        # ValueError/KeyError/TypeError: a 200 answer that is not Prometheus' JSON (a proxy page).
+    except _client_errors() as exc:
         raise PrometheusUnavailable(f"Prometheus at {client.url} did not answer {query!r}: {exc}") from exc
     if not isinstance(result, list):
         raise PrometheusUnavailable(f"Prometheus at {client.url} answered {query!r} with {result!r}")
     return result
+
+
+def query_range(client: Any, query: str, start: datetime, end: datetime, step_s: float,
+                name: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a range query (a matrix) over ``[start, end]`` every ``step_s`` seconds; raises
+    :class:`PrometheusUnavailable` like every query here. ``name`` stands for the query in messages."""
+    what = name or repr(query)
+    try:
+        rows = client.custom_query_range(query, start_time=start, end_time=end, step=f"{step_s:g}")
+    except _client_errors() as exc:
+        raise PrometheusUnavailable(f"Prometheus at {client.url} did not answer {what}: {exc}") from exc
+    if not isinstance(rows, list):
+        raise PrometheusUnavailable(f"Prometheus at {client.url} answered {what} with {rows!r}")
+    return rows
 
 
 def _value(row: Any, query: str) -> tuple[dict[str, str], float]:
@@ -168,6 +193,33 @@ def _le(raw: str) -> float:
     return math.inf if raw == "+Inf" else float(raw)
 
 
+def _read_histograms(client: Any, metric: str, selector: str, window: int, end: datetime
+                     ) -> dict[int, list[tuple[float, float]]]:
+    """One histogram's per-version cumulative ``(le, count)`` buckets over the window."""
+    from dayloop.rollout.analysis.inputs import monotone_cumulative
+
+    query = window_query(metric, selector, window, by="version, le")
+    buckets: dict[int, list[tuple[float, float]]] = {}
+    for row in _query(client, query, end):
+        labels, value = _value(row, query)
+        try:
+            le = _le(labels["le"])
+        except (KeyError, ValueError) as exc:
+            raise PrometheusUnavailable(f"bucket without a numeric le: {labels}") from exc
+        buckets.setdefault(int(labels["version"]), []).append((le, value))
+    hist: dict[int, list[tuple[float, float]]] = {}
+    for v, rows in buckets.items():
+        rows.sort()
+        if rows[-1][0] != math.inf:
+            raise PrometheusUnavailable(f"{metric} for version {v} has no +Inf bucket: {rows}")
+        # Each bucket is extrapolated on its own, so float noise can make a cumulative
+        # count dip below the previous one; a histogram cannot. (histogram_quantile
+        # applies the same fix.)
+        counts = monotone_cumulative([count for _, count in rows]).tolist()
+        hist[v] = [(le, count) for (le, _), count in zip(rows, counts, strict=True)]
+    return hist
+
+
 def read_window(prom_url: str, versions: list[int], start: datetime, end: datetime, *,
                 scrape_interval_seconds: float = 1.0, timeout_s: float = DEFAULT_TIMEOUT_S
                 ) -> dict[int, VersionCounts]:
@@ -179,10 +231,10 @@ def read_window(prom_url: str, versions: list[int], start: datetime, end: dateti
     :class:`PrometheusUnavailable` when Prometheus cannot be reached or answers nonsense.
     """
     window = window_seconds(start, end, scrape_interval_seconds)
-    selector = _versions_selector(versions)
+    selector = versions_selector(versions)
     wanted = sorted(set(versions))
     fields: dict[str, dict[int, Any]] = {}
-    with _connect(prom_url, timeout_s) as client:
+    with connect(prom_url, timeout_s) as client:
         for name, metric in COUNTERS.items():
             query = window_query(metric, selector, window)
             got: dict[int, float] = {}
@@ -191,29 +243,7 @@ def read_window(prom_url: str, versions: list[int], start: datetime, end: dateti
                 got[int(labels["version"])] = value
             fields[name] = got
         for name, metric in HISTOGRAMS.items():
-            query = window_query(metric, selector, window, by="version, le")
-            buckets: dict[int, list[tuple[float, float]]] = {}
-            for row in _query(client, query, end):
-                labels, value = _value(row, query)
-                try:
-                    le = _le(labels["le"])
-                except (KeyError, ValueError) as exc:
-                    raise PrometheusUnavailable(f"bucket without a numeric le: {labels}") from exc
-                buckets.setdefault(int(labels["version"]), []).append((le, value))
-            hist: dict[int, list[tuple[float, float]]] = {}
-            for v, rows in buckets.items():
-                rows.sort()
-                if rows[-1][0] != math.inf:
-                    raise PrometheusUnavailable(f"{metric} for version {v} has no +Inf bucket: {rows}")
-                # Each bucket is extrapolated on its own, so float noise can make a
-                # cumulative count dip below the previous one; a histogram cannot.
-                # (histogram_quantile applies the same fix.)
-                running, fixed = 0.0, []
-                for le, count in rows:
-                    running = max(running, count)
-                    fixed.append((le, running))
-                hist[v] = fixed
-            fields[name] = hist
+            fields[name] = _read_histograms(client, metric, selector, window, end)
 
     out = {}
     for v in wanted:
@@ -236,12 +266,12 @@ def scrape_health(prom_url: str, *, start: datetime | None = None, end: datetime
     down for part of a step is seen. ``healthy`` needs at least one target and all of them
     up: no targets at all is not healthy.
     """
-    at = _aware(end, "end") if end is not None else datetime.now(timezone.utc)
+    at = require_aware(end, "end") if end is not None else datetime.now(timezone.utc)
     if start is not None:
         query = f'min_over_time(up{{job="{ROUTER_JOB}"}}[{window_seconds(start, at, scrape_interval_seconds)}s])'
     else:
         query = f'up{{job="{ROUTER_JOB}"}}'
-    with _connect(prom_url, timeout_s) as client:
+    with connect(prom_url, timeout_s) as client:
         rows = _query(client, query, at)
     targets = {}
     for row in rows:

@@ -6,7 +6,7 @@ The time series come from Prometheus range queries over the routers' raw counter
 for reading, not deciding: the verdicts shown are the ones the analysis reached from exact
 per-step windows (:mod:`dayloop.rollout.prom`), never recomputed from these curves.
 
-Module import stays light (stdlib only): matplotlib and the Prometheus client load inside
+Module import stays light (stdlib and the stdlib-only ``serving.fileio``): matplotlib and the Prometheus client load inside
 the functions that need them, so a DAG file importing this module parses fast.
 """
 
@@ -17,12 +17,12 @@ import html
 import io
 import logging
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from serving.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -106,32 +106,22 @@ def fetch_series(prom_url: str, versions: list[int], start: datetime, end: datet
     step to stay under Prometheus' point limit. Raises ``PrometheusUnavailable`` when
     Prometheus cannot be reached or answers something else than a matrix.
     """
-    import requests
-    from prometheus_api_client.exceptions import PrometheusApiClientException
+    from dayloop.rollout.prom import connect, query_range, require_aware, versions_selector
 
-    from dayloop.rollout.prom import PrometheusUnavailable, _aware, _connect, _versions_selector
-
-    _aware(start, "start")
-    _aware(end, "end")
+    require_aware(start, "start")
+    require_aware(end, "end")
     if end <= start:
         raise ValueError(f"end ({end.isoformat()}) must be after start ({start.isoformat()})")
     if not (isinstance(step_s, (int, float)) and math.isfinite(step_s) and step_s > 0):
         raise ValueError(f"step_s must be a positive number, got {step_s!r}")
-    selector = _versions_selector(versions)
+    selector = versions_selector(versions)
     step = max(float(step_s), (end - start).total_seconds() / _MAX_POINTS)
     window = math.ceil(max(4.0 * step, 10.0))
     out: dict[str, dict[int, list[tuple[float, float]]]] = {}
-    with _connect(prom_url, timeout_s) as client:
+    with connect(prom_url, timeout_s) as client:
         for name, query in _queries(selector, window).items():
-            try:
-                rows = client.custom_query_range(query, start_time=start, end_time=end, step=f"{step:g}")
-            except (requests.RequestException, PrometheusApiClientException, ValueError, KeyError,
-                    TypeError) as exc:
-                raise PrometheusUnavailable(f"Prometheus at {client.url} did not answer {name}: {exc}") from exc
-            if not isinstance(rows, list):
-                raise PrometheusUnavailable(f"Prometheus at {client.url} answered {name} with {rows!r}")
             got: dict[int, list[tuple[float, float]]] = {}
-            for row in rows:
+            for row in query_range(client, query, start, end, step, name=name):
                 version, pts = _points(row, query)
                 if pts:
                     got.setdefault(version, []).extend(pts)
@@ -235,13 +225,6 @@ def _metrics_png(rollout: Mapping, steps: Sequence[Mapping], series: Mapping, or
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Readers (the MLflow upload, a person refreshing the page) never see half a file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _phase_cell(phase: Any) -> str:
     text = str(phase) if phase is not None else "–"
     return f'<td class="{PHASE_CSS.get(text, "other")}">{html.escape(text)}</td>'
@@ -337,7 +320,7 @@ def render_report(out_dir: Path, rollout: Mapping, steps: Sequence[Mapping],
     origin = _origin(steps, series)
     if series is not None and origin is not None:
         png = _metrics_png(rollout, steps, series, origin)
-        _write_atomic(png_path, png)
+        atomic_write_bytes(png_path, png)
         plot = (f"<img alt='{e(METRICS_PNG)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
                 f"<p class='note'>Dashed lines: step starts, coloured by the step's decision (green pass, "
                 f"red fail, grey aborted); x = 0 at {e(datetime.fromtimestamp(origin, timezone.utc).isoformat())}. "
@@ -375,7 +358,8 @@ img {{ max-width: 100%; }}
 </body></html>
 """
     path = out_dir / REPORT_FILE
-    _write_atomic(path, doc.encode("utf-8"))
+    # Readers (the MLflow upload, a person refreshing the page) never see half a file.
+    atomic_write_text(path, doc)
     return path
 
 

@@ -10,12 +10,9 @@ fewer clicks. Two sources:
 * ``panel_from_synthetic``: the synthetic world's ground truth, each user's ``top_n`` items
   by the true choice logits on a day.
 
-The file is a plain ``.npz`` (no pickle) so the data plane reads it with numpy alone:
-
-* ``user_ids``   int64[n]     sorted, unique
-* ``rel_indptr`` int64[n+1]   CSR row pointers: user ``i`` likes ``rel_items[indptr[i]:indptr[i+1]]``
-* ``rel_items``  int64[m]     item ids, sorted and unique within each user
-* ``meta_json``  0-d unicode  JSON object saying how the panel was made
+The file is a plain ``.npz`` (no pickle) so the data plane reads it with numpy alone; its
+format (keys, layout, reader and writer) has one home, :mod:`serving.simulator.panel_format`.
+This module validates and normalises the panel, then hands it to that writer.
 
 CLI: ``python -m dayloop.simulation.panel --out PATH (--after YYYY-MM-DD [--days 7] | --synthetic)``.
 """
@@ -26,7 +23,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +32,11 @@ import numpy as np
 
 from dayloop.config import ConfigError, Settings, parse_day
 from dayloop.errors import DataUnavailable
+from serving.simulator.panel_format import read_panel_file, write_panel_file
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from dayloop.data.synthetic import SyntheticWorld
 
-PANEL_KEYS = ("user_ids", "rel_indptr", "rel_items", "meta_json")
-FORMAT_VERSION = 1
 # Users scored per block in the synthetic world: bounds the (users x items) logits matrix.
 _SCORE_BLOCK = 1024
 
@@ -110,46 +105,18 @@ def make_panel(user_ids: Any, relevant: Sequence[Any], meta: dict[str, Any] | No
 
 def write_panel(path: Path | str, user_ids: Any, relevant: Sequence[Any],
                 meta: dict[str, Any] | None = None) -> Path:
-    """Write a panel ``.npz`` atomically (temp file + rename); returns the path."""
+    """Validate the panel, then write it ``.npz`` atomically (temp file + rename); returns the path."""
     panel = make_panel(user_ids, relevant, meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sizes = np.array([r.size for r in panel.relevant], dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    items = (np.concatenate(panel.relevant) if panel.relevant else np.zeros(0)).astype(np.int64)
-    meta_doc = {**panel.meta, "format": FORMAT_VERSION}
-    # Same directory as the target, so os.replace is a rename on one filesystem: a
-    # reader sees the old panel or the new one, never half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:  # a file object keeps np.savez from appending ".npz"
-            np.savez(fh, user_ids=panel.user_ids, rel_indptr=indptr, rel_items=items,
-                     meta_json=np.array(json.dumps(meta_doc, sort_keys=True)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_panel_file(path, panel.user_ids, panel.relevant, panel.meta)
 
 
 def read_panel(path: Path | str) -> Panel:
     """Read and check a panel written by :func:`write_panel`."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        missing = [k for k in PANEL_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not a panel file: missing {missing}")
-        users = data["user_ids"].astype(np.int64)
-        indptr = data["rel_indptr"].astype(np.int64)
-        items = data["rel_items"].astype(np.int64)
-        meta = json.loads(str(data["meta_json"][()]))
+    arrays = read_panel_file(path)
+    users = arrays.user_ids
     if users.ndim != 1 or np.any(np.diff(users) <= 0):
         raise ValueError(f"{path}: user_ids must be sorted and unique")
-    if indptr.shape != (users.size + 1,) or indptr[0] != 0 or indptr[-1] != items.size \
-            or np.any(np.diff(indptr) < 0):
-        raise ValueError(f"{path}: rel_indptr does not describe rel_items for {users.size} users")
-    return Panel(user_ids=users, relevant=[items[indptr[i]:indptr[i + 1]] for i in range(users.size)],
-                 meta=meta)
+    return Panel(user_ids=users, relevant=arrays.rows(), meta=arrays.meta)
 
 
 def panel_from_replay(settings: Settings, after: dt.date | str, days: int = 7,

@@ -26,6 +26,7 @@ Consumers use :class:`ModelBundle`, never the raw files.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import uuid
@@ -35,41 +36,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from dayloop.training.model import TwoTowerModel
-
-BUNDLE_FORMAT_VERSION = 1
-USER_TOWER_FILE = "user_tower.pt"
-ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
-ITEM_IDS_FILE = "item_ids.npy"
-USER_IDS_FILE = "user_ids.npy"
-USER_FEATURES_FILE = "user_features.npy"
-USER_HISTORY_FILE = "user_history.npy"
-SERVING_TOWER_FILE = "serving_tower.pt"
-META_FILE = "model_meta.json"
-BUNDLE_FILES = (
-    USER_TOWER_FILE,
+# The file names have their home in dayloop.bundle_layout (the rollout reads bundles but
+# must not import training); re-exported here for the writer and ModelBundle's users.
+from dayloop.bundle_layout import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
     ITEM_EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
-    USER_IDS_FILE,
+    MODEL_META_FILE,
+    SERVING_TOWER_FILE,
     USER_FEATURES_FILE,
     USER_HISTORY_FILE,
-    SERVING_TOWER_FILE,
-    META_FILE,
+    USER_IDS_FILE,
+    USER_TOWER_FILE,
 )
+from serving.fileio import atomic_write_bytes, replace_dir
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from dayloop.training.model import TowerConfig, TwoTowerModel
+
 INPUT_NAMES = ("user_idx", "hist_idx", "user_feats")
 OUTPUT_NAME = "user_embedding"
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written ``tmp`` directory into ``final`` (rename, no partial state)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_vocab(ids: np.ndarray, name: str) -> np.ndarray:
@@ -138,51 +125,56 @@ def export_bundle(
         np.save(tmp / ITEM_IDS_FILE, item_ids)
         np.save(tmp / USER_IDS_FILE, user_ids)
         np.save(tmp / USER_FEATURES_FILE, np.ascontiguousarray(user_features))
-        meta: dict[str, Any] = {
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "embedding_dim": cfg.embedding_dim,
-            "history_length": cfg.history_length,
-            "n_users": cfg.n_users,
-            "n_items": cfg.n_items,
-            "inputs": [
-                {"name": "user_idx", "dtype": "int64", "shape": [-1]},
-                {"name": "hist_idx", "dtype": "int64", "shape": [-1, cfg.history_length]},
-                {"name": "user_feats", "dtype": "int64", "shape": [-1, 3]},
-            ],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
-            "serving": {
-                "file": SERVING_TOWER_FILE,
-                "inputs": [{"name": "user_id", "dtype": "int64", "shape": [-1, 1]}],
-                "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
-                "history": "snapshot as of the end of the training window (user_history.npy)",
-            },
-            "user_feature_columns": ["gender_idx", "age_idx", "occupation_idx"],
-            "feature_vocab_sizes": {
-                "gender_idx": cfg.n_genders,
-                "age_idx": cfg.n_ages,
-                "occupation_idx": cfg.n_occupations,
-                "genre_ids": cfg.n_genres,
-                "year_idx": cfg.n_years,
-            },
-            "vocab": {
-                "index_offset": 1,
-                "unknown_index": 0,
-                "padding_index": 0,
-                "user_index": "user_ids.npy row j -> index j + 1; unknown user -> 0",
-                "item_index": "item_ids.npy row j -> index j + 1; padding/unknown -> 0",
-                "hist_order": "most recent first, right-padded with 0",
-                "score": "dot product of unit vectors (cosine)",
-            },
-            "tower_config": cfg.as_dict(),
-            "torch_version": torch.__version__,
-        }
+        meta = _bundle_meta(cfg, torch.__version__)
         meta.update(extra_meta or {})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        _replace_dir(tmp, out_dir)
+        (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _bundle_meta(cfg: TowerConfig, torch_version: str) -> dict[str, Any]:
+    """model_meta.json before the caller's ``extra_meta``: shapes, names and vocab conventions."""
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "embedding_dim": cfg.embedding_dim,
+        "history_length": cfg.history_length,
+        "n_users": cfg.n_users,
+        "n_items": cfg.n_items,
+        "inputs": [
+            {"name": "user_idx", "dtype": "int64", "shape": [-1]},
+            {"name": "hist_idx", "dtype": "int64", "shape": [-1, cfg.history_length]},
+            {"name": "user_feats", "dtype": "int64", "shape": [-1, 3]},
+        ],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
+        "serving": {
+            "file": SERVING_TOWER_FILE,
+            "inputs": [{"name": "user_id", "dtype": "int64", "shape": [-1, 1]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.embedding_dim]}],
+            "history": "snapshot as of the end of the training window (user_history.npy)",
+        },
+        "user_feature_columns": ["gender_idx", "age_idx", "occupation_idx"],
+        "feature_vocab_sizes": {
+            "gender_idx": cfg.n_genders,
+            "age_idx": cfg.n_ages,
+            "occupation_idx": cfg.n_occupations,
+            "genre_ids": cfg.n_genres,
+            "year_idx": cfg.n_years,
+        },
+        "vocab": {
+            "index_offset": 1,
+            "unknown_index": 0,
+            "padding_index": 0,
+            "user_index": "user_ids.npy row j -> index j + 1; unknown user -> 0",
+            "item_index": "item_ids.npy row j -> index j + 1; padding/unknown -> 0",
+            "hist_order": "most recent first, right-padded with 0",
+            "score": "dot product of unit vectors (cosine)",
+        },
+        "tower_config": cfg.as_dict(),
+        "torch_version": torch_version,
+    }
 
 
 def plant_serving_skew(bundle_dir: Path | str, seed: int = 0) -> None:
@@ -196,9 +188,9 @@ def plant_serving_skew(bundle_dir: Path | str, seed: int = 0) -> None:
     tower = torch.jit.load(str(bundle_dir / USER_TOWER_FILE))
     serving = build_serving_tower(tower, shuffled, np.load(bundle_dir / USER_FEATURES_FILE),
                                   np.load(bundle_dir / USER_HISTORY_FILE))
-    tmp = bundle_dir / f".{SERVING_TOWER_FILE}.tmp"
-    serving.save(str(tmp))
-    tmp.replace(bundle_dir / SERVING_TOWER_FILE)
+    buffer = io.BytesIO()
+    torch.jit.save(serving, buffer)
+    atomic_write_bytes(bundle_dir / SERVING_TOWER_FILE, buffer.getvalue())
 
 
 def build_serving_tower(
@@ -331,9 +323,9 @@ class ModelBundle:
         if missing:
             raise ValueError(f"model bundle {path} lacks {', '.join(missing)}")
         try:
-            meta = json.loads((path / META_FILE).read_text())
+            meta = json.loads((path / MODEL_META_FILE).read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path / META_FILE} is not valid JSON: {exc}") from exc
+            raise ValueError(f"{path / MODEL_META_FILE} is not valid JSON: {exc}") from exc
         if meta.get("format_version") != BUNDLE_FORMAT_VERSION:
             raise ValueError(
                 f"{path}: bundle format {meta.get('format_version')!r} is not "

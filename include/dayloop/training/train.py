@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from dayloop.features.schema import FEATURE_SCHEMA, USER_FEATURE_COLUMNS, feature_schema_hash
+from dayloop.features.schema import FEATURE_SCHEMA, META_FILE, USER_FEATURE_COLUMNS, feature_schema_hash
+from serving.fileio import atomic_write_json
 
 FEATURE_FILES = {part: f"{part}.parquet" for part in FEATURE_SCHEMA}
-META_FILE = "meta.json"
 
 
 @dataclass(frozen=True)
@@ -238,6 +236,7 @@ def _vocab_rows(meta: dict[str, Any], vocab_key: str, column: str, observed_max:
 
 def _prepare(fs: FeatureSet, params: TrainParams, history_length: int) -> dict[str, Any]:
     """Vocabularies, index tensors (as numpy) and item feature tables."""
+    # About 65 lines of one-pass array building; splitting would only pass the arrays around.
     train = fs["train"]
     if len(train) == 0:
         raise ValueError(f"{fs.path}/train.parquet has no rows; nothing to train on")
@@ -330,22 +329,91 @@ def serving_histories(
     return out
 
 
+def _fit(model: Any, optimizer: Any, tensors: tuple[Any, Any, Any, Any], log_q: Any,
+         params: TrainParams, device: Any) -> tuple[list[float], list[float]]:
+    """The epoch loop: in-batch softmax over shuffled mini-batches of (user, history,
+    features, item). Returns the mean loss and the seconds of each epoch.
+
+    Deterministic for a seed: one CPU generator draws the order and the id dropout in a
+    fixed sequence; torch's deterministic mode and thread count are restored afterwards."""
+    import torch
+
+    from dayloop.training.model import in_batch_softmax_loss
+
+    user_t, hist_t, feats_t, item_t = tensors
+    n_examples = int(item_t.numel())
+    gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    losses: list[float] = []
+    epoch_seconds: list[float] = []
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if params.num_threads is not None:
+        torch.set_num_threads(params.num_threads)
+    try:
+        model.train()
+        for _epoch in range(params.epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(n_examples, generator=gen).to(device)
+            total, batches = 0.0, 0
+            for start in range(0, n_examples, params.batch_size):
+                b = order[start : start + params.batch_size]
+                if b.numel() < 2:
+                    continue  # a single example has no in-batch negatives
+                users = user_t[b]
+                if params.user_id_dropout > 0:
+                    drop = torch.rand(users.shape, generator=gen).to(device) < params.user_id_dropout
+                    users = users.masked_fill(drop, 0)
+                u = model.user_tower(users, hist_t[b], feats_t[b])
+                v = model.item_vectors(item_t[b])
+                loss = in_batch_softmax_loss(u, v, item_t[b], params.temperature, log_q)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds.append(time.perf_counter() - t0)
+            losses.append(total / max(batches, 1))
+            if not math.isfinite(losses[-1]):
+                raise RuntimeError(f"training diverged: epoch loss {losses[-1]} (lower lr?)")
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
+    return losses, epoch_seconds
+
+
+def _train_metrics(losses: list[float], epoch_seconds: list[float], epochs: int, n_examples: int,
+                   n_users: int, n_items: int) -> dict[str, float]:
+    """The flat metrics logged to MLflow and written into the bundle's meta."""
+    train_seconds = float(sum(epoch_seconds))
+    return {
+        "final_loss": losses[-1],
+        "first_loss": losses[0],
+        "examples_per_s": epochs * n_examples / train_seconds if train_seconds else 0.0,
+        "seconds_per_epoch": train_seconds / epochs,
+        "train_seconds": train_seconds,
+        "n_train_examples": float(n_examples),
+        "n_users": float(n_users),
+        "n_items": float(n_items),
+        "epochs": float(epochs),
+        **{f"loss_epoch_{i}": loss for i, loss in enumerate(losses)},
+    }
+
+
 def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> TrainResult:
     """Train on ``features_dir`` and export the bundle to ``out_dir / 'bundle'``.
 
     Also writes ``out_dir / 'train_metrics.json'``. Deterministic for a given seed and
     device (CPU); on CUDA, cuBLAS may still add run-to-run noise at the 1e-6 level.
     """
+    # Longer than most: one straight sequence (tensors, fit, fix-up, export) whose steps
+    # share a dozen locals; the loop and the metrics are already their own functions.
     import torch
 
     from dayloop.training.bundle import export_bundle
-    from dayloop.training.model import (
-        TowerConfig,
-        TwoTowerModel,
-        in_batch_softmax_loss,
-        resolve_device,
-        seed_everything,
-    )
+    from dayloop.training.model import TowerConfig, TwoTowerModel, resolve_device, seed_everything
 
     fs = load_features(Path(features_dir))
     history_length = int(params.history_length or fs.meta["history_length"])
@@ -387,45 +455,7 @@ def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> T
         log_q = torch.from_numpy((params.logq_weight * np.log(q)).astype(np.float32)).to(device)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    gen = torch.Generator(device="cpu").manual_seed(params.seed)
-    losses: list[float] = []
-    epoch_seconds: list[float] = []
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if params.num_threads is not None:
-        torch.set_num_threads(params.num_threads)
-    try:
-        model.train()
-        for _epoch in range(params.epochs):
-            t0 = time.perf_counter()
-            order = torch.randperm(n_examples, generator=gen).to(device)
-            total, batches = 0.0, 0
-            for start in range(0, n_examples, params.batch_size):
-                b = order[start : start + params.batch_size]
-                if b.numel() < 2:
-                    continue  # a single example has no in-batch negatives
-                users = user_t[b]
-                if params.user_id_dropout > 0:
-                    drop = torch.rand(users.shape, generator=gen).to(device) < params.user_id_dropout
-                    users = users.masked_fill(drop, 0)
-                u = model.user_tower(users, hist_t[b], feats_t[b])
-                v = model.item_vectors(item_t[b])
-                loss = in_batch_softmax_loss(u, v, item_t[b], params.temperature, log_q)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_seconds.append(time.perf_counter() - t0)
-            losses.append(total / max(batches, 1))
-            if not math.isfinite(losses[-1]):
-                raise RuntimeError(f"training diverged: epoch loss {losses[-1]} (lower lr?)")
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
+    losses, epoch_seconds = _fit(model, optimizer, (user_t, hist_t, feats_t, item_t), log_q, params, device)
 
     with torch.no_grad():
         # users without a training example keep only their features: their id row would
@@ -436,19 +466,7 @@ def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> T
         untouched = torch.from_numpy(~trained_users).to(device)
         model.user_tower.user_embedding.weight[untouched] = 0.0
 
-    train_seconds = float(sum(epoch_seconds))
-    metrics: dict[str, float] = {
-        "final_loss": losses[-1],
-        "first_loss": losses[0],
-        "examples_per_s": params.epochs * n_examples / train_seconds if train_seconds else 0.0,
-        "seconds_per_epoch": train_seconds / params.epochs,
-        "train_seconds": train_seconds,
-        "n_train_examples": float(n_examples),
-        "n_users": float(cfg.n_users),
-        "n_items": float(cfg.n_items),
-        "epochs": float(params.epochs),
-        **{f"loss_epoch_{i}": loss for i, loss in enumerate(losses)},
-    }
+    metrics = _train_metrics(losses, epoch_seconds, params.epochs, n_examples, cfg.n_users, cfg.n_items)
     history = {"loss": losses, "epoch_seconds": epoch_seconds}
     extra_meta = {
         "feature_schema_hash": fs.meta["feature_schema_hash"],
@@ -470,9 +488,7 @@ def train_two_tower(features_dir: Path, out_dir: Path, params: TrainParams) -> T
         user_history=serving_histories(fs["train"], data["user_vocab"], data["item_vocab"], history_length),
     )
     report = {"metrics": metrics, "history": history, "device": str(device), "params": params.as_dict()}
-    tmp = out_dir / f".train_metrics.json.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out_dir / "train_metrics.json")
+    atomic_write_json(out_dir / "train_metrics.json", report, indent=2, default=str)
     return TrainResult(
         bundle_dir=bundle_dir,
         metrics=metrics,

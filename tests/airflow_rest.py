@@ -1,6 +1,9 @@
-"""A small client for the Airflow 3 REST API (v2), used by the demo and the end-to-end
-tests to drive DAGs the way a person does from the UI: unpause, trigger with a logical
-date, watch the run. Waits are bounded."""
+"""A small client for the Airflow 3 REST API (v2), used by the end-to-end tests and the demo
+(``scripts/demo.py``) to drive DAGs the way a person does from the UI: unpause, trigger with
+a logical date, watch the run. Waits are bounded.
+
+It lives with the tests, not in the ``dayloop`` package: no DAG or task calls it, and the
+runtime has no business talking to its own scheduler over HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
+import httpx
 
 TERMINAL_RUN_STATES = {"success", "failed"}
 
@@ -38,7 +41,8 @@ class AirflowApi:
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-        self._session = requests.Session()
+        # Redirects followed, as the requests.Session this replaced did.
+        self._session = httpx.Client(follow_redirects=True)
         self._token: str | None = None
 
     # ----- plumbing -------------------------------------------------------------
@@ -75,14 +79,15 @@ class AirflowApi:
         last: Any = None
         while time.monotonic() < deadline:
             try:
-                resp = requests.get(f"{self.base_url}/api/v2/monitor/health", timeout=5)
-                last = resp.json() if resp.ok else resp.text
-                if resp.ok and all(
+                resp = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5, follow_redirects=True)
+                ok = resp.status_code < 400
+                last = resp.json() if ok else resp.text
+                if ok and all(
                     (last.get(part) or {}).get("status") == "healthy"
                     for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
                 ):
                     return last
-            except (requests.RequestException, ValueError) as exc:
+            except (httpx.HTTPError, ValueError) as exc:
                 last = str(exc)
             time.sleep(2)
         raise AirflowApiError(f"Airflow not healthy after {timeout_s:.0f}s: {last}")
@@ -97,7 +102,9 @@ class AirflowApi:
             except AirflowApiError:
                 if time.monotonic() > deadline:
                     errors = self.request("GET", "/importErrors")
-                    raise AirflowApiError(f"DAG {dag_id} not parsed after {timeout_s:.0f}s; import errors: {errors}")
+                    raise AirflowApiError(
+                        f"DAG {dag_id} not parsed after {timeout_s:.0f}s; import errors: {errors}"
+                    ) from None
                 time.sleep(2)
 
     def set_paused(self, dag_id: str, paused: bool) -> dict:

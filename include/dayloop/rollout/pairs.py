@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,13 +50,13 @@ def index_source(uri: str, tracking_uri: str) -> str:
     raise DayloopError(f"index artifact URI {uri!r} is not one the index service can read")
 
 
-def serving_pair(settings: Settings, version: int | str, require_gate: bool = True) -> ServingPair:
+def serving_pair(settings: Settings, version: int, require_gate: bool = True) -> ServingPair:
     """Resolve a registered version to its deployable pair (or say why it is not deployable).
 
     ``require_gate=False`` (a forced manual rollback) accepts a version whose offline gate did
     not pass; the index is always required."""
-    from dayloop.registry import TAG_INDEX_PREFIX, Registry, tracking_uri
-    from dayloop.training.bundle import SERVING_TOWER_FILE
+    from dayloop.registry import TAG_GATE_DECISION, TAG_INDEX_PREFIX, Registry, tracking_uri
+    from dayloop.bundle_layout import MODEL_META_FILE, SERVING_TOWER_FILE
 
     reg = Registry(settings)
     try:
@@ -68,16 +67,16 @@ def serving_pair(settings: Settings, version: int | str, require_gate: bool = Tr
     problems = []
     if tags.get(f"{TAG_INDEX_PREFIX}status") != "ready" or not tags.get(f"{TAG_INDEX_PREFIX}uri"):
         problems.append("no ready index is linked to it")
-    if require_gate and tags.get("gate.offline.decision") != "pass":
-        problems.append(f"its offline gate decision is {tags.get('gate.offline.decision', 'absent')!r}")
+    if require_gate and tags.get(TAG_GATE_DECISION) != "pass":
+        problems.append(f"its offline gate decision is {tags.get(TAG_GATE_DECISION, 'absent')!r}")
     if problems:
         raise DayloopError(f"version {mv.version} is not deployable: " + "; ".join(problems))
-    bundle = reg.download_bundle(mv.version)
+    bundle = reg.download_bundle(version)
     model_file = bundle / SERVING_TOWER_FILE
     if not model_file.is_file():
         raise DayloopError(f"version {mv.version}'s bundle has no {SERVING_TOWER_FILE} (exported before "
                            "the serving tier existed); retrain it")
-    dim = int(json.loads((bundle / "model_meta.json").read_text())["embedding_dim"])
+    dim = int(json.loads((bundle / MODEL_META_FILE).read_text())["embedding_dim"])
     return ServingPair(
         version=int(mv.version), model_file=model_file,
         index_source=index_source(tags[f"{TAG_INDEX_PREFIX}uri"], tracking_uri(settings)),
@@ -91,19 +90,17 @@ def load_pair(client: DataPlaneClient, pair: ServingPair) -> dict[str, Any]:
                                pair.fingerprint or None)
 
 
-def serve_only(settings: Settings, client: DataPlaneClient, version: int | str, actor: str,
+def serve_only(settings: Settings, client: DataPlaneClient, version: int, actor: str,
                reason: str) -> dict[str, Any]:
     """Load a version's pair and route 100% of users to it (no-op if it already has them)."""
-    from serving.routing import RouteTable, single_version_table
+    from serving.routing import new_salt, single_version_table
 
     pair = serving_pair(settings, version)
     loaded = load_pair(client, pair)
     current = client.router.routes()
-    table = current.get("table")
-    if table and RouteTable.from_dict(table).shares() == {pair.version: 1.0}:
-        return {"version": pair.version, "revision": current["revision"], "routed": False, "loaded": loaded}
-    salt = f"v{pair.version}-{os.urandom(3).hex()}"
-    rev = client.router.write_routes(single_version_table(pair.version, salt), int(current.get("revision", 0)),
-                                     actor, reason)
-    log.info("routed 100%% to v%s (revision %s): %s", pair.version, rev["revision"], reason)
-    return {"version": pair.version, "revision": rev["revision"], "routed": True, "loaded": loaded}
+    if current is not None and current.table.shares() == {pair.version: 1.0}:
+        return {"version": pair.version, "revision": current.revision, "routed": False, "loaded": loaded}
+    rev = client.router.write_routes(single_version_table(pair.version, new_salt(pair.version)),
+                                     current.revision if current else 0, actor, reason)
+    log.info("routed 100%% to v%s (revision %s): %s", pair.version, rev.revision, reason)
+    return {"version": pair.version, "revision": rev.revision, "routed": True, "loaded": loaded}

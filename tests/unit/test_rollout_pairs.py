@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dayloop.errors import DayloopError
-from dayloop.rollout.serving import index_source
+from dayloop.rollout.pairs import index_source
 from dayloop.training.train import serving_histories
 
 

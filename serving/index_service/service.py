@@ -1,0 +1,215 @@
+"""The index service's version table and the operations on it (the FastAPI routes call these).
+
+Design points:
+
+* Versions are immutable: loading a version again with the same fingerprint is a no-op,
+  with another fingerprint a 409. A new index means a new model version.
+* Loading (fetch, sha256, deserialise) runs in a worker thread; the finished index is put
+  into the version table in one step on the event loop, so searches on other versions
+  never wait for a load and never see a half-loaded index.
+* A search takes its own reference to the loaded index before it starts, so an unload
+  while it runs only drops the table's reference; FAISS frees the index when the last
+  search holding it returns.
+* ``POST /search`` is on every user request (one vector), so it skips FastAPI's body
+  machinery: it reads the body under a size cap, validates it with pydantic-core straight
+  from bytes, searches on the event loop when the work is small (a thread hop costs more
+  than a one-vector search over a flat index of a few ten thousand items) and in a thread
+  when it is large, and writes the JSON itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+
+from serving.http_guards import (
+    BAD_TOKEN_DETAIL,
+    BEARER_CHALLENGE,
+    BodyRefused,
+    bearer_matches,
+    read_limited_body,
+)
+from serving.index_service.errors import ServiceError
+from serving.index_service.loading import (
+    DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_MAX_INDEX_BYTES,
+    LoadedIndex,
+    load_index_dir,
+    search_in_thread,
+)
+from serving.index_service.metrics import IndexMetrics
+from serving.index_service.protocol import LoadRequest, format_results, parse_search_request, vectors_to_array
+from serving.index_service.sources import parse_source
+
+log = logging.getLogger("serving.index_service")
+
+#: ~1 MiB holds 256 vectors of 256 floats written with full float32 precision.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Loads at once; each holds its index file in memory while it is verified.
+MAX_CONCURRENT_LOADS = 2
+#: Estimated multiply-adds above which a search runs in a worker thread instead of on
+#: the event loop (~0.5 ms of single-threaded FAISS work; below it the hop costs more).
+OFFLOAD_MULTIPLY_ADDS = 2_000_000
+
+
+class IndexService:
+    """The version table and the operations on it (the FastAPI routes call these)."""
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        threads: int = 1,
+        use_gpu: bool = True,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    ) -> None:
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.token = token
+        self.threads = threads
+        self.use_gpu = use_gpu
+        self.max_body_bytes = max_body_bytes
+        self.max_index_bytes = max_index_bytes
+        self.fetch_timeout = fetch_timeout
+        self.indexes: dict[int, LoadedIndex] = {}
+        # Versions ever loaded: the only ones that get their own error label, so junk
+        # requests cannot grow the metric's label set without bound.
+        self.known_versions: set[int] = set()
+        self.metrics = IndexMetrics()
+        self._load_slots = asyncio.Semaphore(MAX_CONCURRENT_LOADS)
+
+    def version_label(self, version: int) -> str:
+        """Metric label for a requested version: itself if ever loaded, else 'other'."""
+        return str(version) if version in self.known_versions else "other"
+
+    def require_admin(self, request: Request) -> None:
+        """401 unless the request carries the admin bearer token."""
+        if not bearer_matches(request.headers.get("authorization"), self.token):
+            raise ServiceError(401, BAD_TOKEN_DETAIL, dict(BEARER_CHALLENGE))
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, or 413 once it passes ``max_body_bytes`` (400 for a bad Content-Length)."""
+        try:
+            return await read_limited_body(request, self.max_body_bytes)
+        except BodyRefused as exc:
+            raise ServiceError(exc.status, exc.detail) from None
+
+    async def load(self, version: int, req: LoadRequest) -> dict[str, Any]:
+        """Load ``req.source`` as ``version`` (no-op if that exact index is loaded)."""
+        source = parse_source(req.source)
+        wanted = req.fingerprint.lower() if req.fingerprint else None
+        current = self.indexes.get(version)
+        if current is not None and wanted is not None:
+            # Answer from what is loaded without touching the source.
+            return self._same_or_conflict(current, wanted, req.expected_dim)
+        async with self._load_slots:
+            loaded = await asyncio.to_thread(
+                load_index_dir,
+                version,
+                source,
+                req.expected_dim,
+                wanted,
+                skip_fingerprint=current.fingerprint if current is not None else None,
+                use_gpu=self.use_gpu,
+                max_index_bytes=self.max_index_bytes,
+                fetch_timeout=self.fetch_timeout,
+            )
+        # The table may have changed while the thread ran; decide on what is there now.
+        now = self.indexes.get(version)
+        if loaded is None:
+            if now is None or current is None or now.fingerprint != current.fingerprint:
+                raise ServiceError(409, f"version {version} changed while loading; retry the request")
+            return self._same_or_conflict(now, now.fingerprint, req.expected_dim)
+        if now is not None:
+            return self._same_or_conflict(now, loaded.fingerprint, req.expected_dim)
+        self.indexes[version] = loaded
+        self.known_versions.add(version)
+        label = str(version)
+        self.metrics.loaded.labels(version=label).set(1)
+        self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
+        self.metrics.loads.labels(outcome="loaded").inc()
+        log.info(
+            "loaded version %d: %s index, %d x %d, %s, fingerprint %s, from %s in %.2fs",
+            version, loaded.kind, loaded.ntotal, loaded.dim, loaded.device,
+            loaded.fingerprint[:12], loaded.source, loaded.load_seconds,
+        )
+        return {"status": "loaded", "index": loaded.info()}
+
+    def _same_or_conflict(self, current: LoadedIndex, fingerprint: str, expected_dim: int) -> dict[str, Any]:
+        if current.fingerprint != fingerprint:
+            raise ServiceError(
+                409,
+                f"version {current.version} is already loaded with fingerprint {current.fingerprint}; "
+                f"versions are immutable (got {fingerprint}); unload it first or use a new version",
+            )
+        if current.dim != expected_dim:
+            raise ServiceError(
+                409, f"version {current.version} is loaded with dimension {current.dim}, not {expected_dim}"
+            )
+        self.metrics.loads.labels(outcome="already_loaded").inc()
+        return {"status": "already loaded", "index": current.info()}
+
+    def unload(self, version: int) -> dict[str, Any]:
+        """Drop ``version`` from the table; searches already holding it finish first."""
+        entry = self.indexes.pop(version, None)
+        if entry is None:
+            raise ServiceError(404, f"index version {version} is not loaded")
+        self.metrics.loaded.labels(version=str(version)).set(0)
+        self.metrics.ntotal.labels(version=str(version)).set(0)
+        log.info("unloaded version %d (fingerprint %s)", version, entry.fingerprint[:12])
+        return {"status": "unloaded", "index": entry.info()}
+
+    async def search(self, request: Request) -> Response:
+        """``POST /search``: parse, search, encode; every refusal is counted."""
+        started = time.perf_counter()
+        m = self.metrics
+        try:
+            body = await self.read_body(request)
+        except ServiceError as exc:
+            m.errors.labels(version="none", reason="too_large" if exc.status == 413 else "bad_body").inc()
+            raise
+        try:
+            req = parse_search_request(body)
+        except ServiceError:
+            m.errors.labels(version="none", reason="invalid_request").inc()
+            raise
+        entry = self.indexes.get(req.version)  # our own reference from here on
+        if entry is None:
+            m.errors.labels(version=self.version_label(req.version), reason="not_loaded").inc()
+            raise ServiceError(404, f"index version {req.version} is not loaded")
+        label = str(req.version)
+        try:
+            x = vectors_to_array(req.vectors, entry.dim)
+        except ServiceError:
+            m.errors.labels(version=label, reason="invalid_vectors").inc()
+            raise
+        try:
+            if entry.device == "cpu" and len(x) * entry.cost_per_query > OFFLOAD_MULTIPLY_ADDS:
+                scores, ids = await asyncio.to_thread(search_in_thread, entry.index, x, req.k, self.threads)
+            else:
+                # GPU indexes are searched here only: one stream, no concurrent callers.
+                scores, ids = entry.index.search(x, req.k)
+        except Exception as exc:
+            m.errors.labels(version=label, reason="search_failed").inc()
+            log.exception("search on version %d failed", req.version)
+            raise ServiceError(500, f"search on version {req.version} failed: {exc}") from None
+        if not np.isfinite(scores[ids >= 0]).all():
+            m.errors.labels(version=label, reason="nonfinite_scores").inc()
+            raise ServiceError(422, "search produced non-finite scores: query values are too large")
+        out_ids, out_scores = format_results(ids, scores)
+        payload = json.dumps({"version": req.version, "ids": out_ids, "scores": out_scores}, separators=(",", ":"))
+        m.searches.labels(version=label).inc()
+        m.search_vectors.labels(version=label).inc(len(x))
+        m.seconds.labels(version=label).observe(time.perf_counter() - started)
+        return Response(payload, media_type="application/json")
