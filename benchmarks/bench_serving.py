@@ -568,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     trials = 5 if args.quick else 10
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
 
-    import httpx
 
     from serving.client import DataPlaneClient
     from serving.launch import DataPlane, PlaneConfig

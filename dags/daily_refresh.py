@@ -83,7 +83,7 @@ DEFAULT_ARGS = {
                                                '"bake_seconds": 60, "ctr_margin": 0.05}.'),
     },
 )
-def daily_refresh():
+def daily_refresh():  # noqa: C901 - ruff counts each nested task as a branch; the body is a plan
     @task
     def check_rollout_plan(params=None) -> dict:
         """Validate the rollout Params now, before a bad override wastes a training run."""

@@ -99,15 +99,17 @@ def follow_rollout(api: AirflowApi, run: dict) -> dict:
     from serving.client import DataPlaneClient
 
     client = DataPlaneClient.from_env()
-    seen = {"rev": client.router.routes().get("revision"), "states": {}}
+    first = client.router.routes()
+    seen = {"rev": first.revision if first else None, "states": {}}
     deadline = time.monotonic() + 3600
     while time.monotonic() < deadline:
         current = client.router.routes()
-        if current.get("revision") != seen["rev"]:
+        revision = current.revision if current else None
+        if revision != seen["rev"]:
             for entry in reversed(client.router.history(10)):
                 if entry["revision"] > (seen["rev"] or 0):
                     log(f"  route {describe_table(entry)}")
-            seen["rev"] = current.get("revision")
+            seen["rev"] = revision
         states = {ti["task_id"]: ti.get("state") or "none" for ti in api.task_instances(DAG_ID, run["dag_run_id"])}
         if states != seen["states"]:
             active = [t for t, s in states.items() if s in ("running", "queued", "deferred", "up_for_retry")]

@@ -12,7 +12,6 @@ Stdlib only: runs under any Python (``make serve`` uses the serving venv's).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import signal
@@ -23,6 +22,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serving.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANE_FILE = "plane.json"
@@ -287,11 +288,7 @@ class DataPlane:
         return self.cfg.endpoints()
 
     def write_plane_file(self) -> Path:
-        path = self.cfg.home / PLANE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cfg.endpoints(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(self.cfg.home / PLANE_FILE, self.cfg.endpoints(), indent=2)
 
     def start_simulator(self, panel: Path, rate: float, stats_file: Path, seed: int = 0,
                         k: int = 10, extra: list[str] | None = None) -> int:

@@ -105,8 +105,14 @@ def train_model(ds: dt.date, settings: Settings, features_path: str, overrides: 
 def register_model(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
              airflow_run_id: str | None = None) -> dict[str, Any]:
     """Register the bundle as a model version with lineage tags (once per date)."""
-    from dayloop.registry import (TAG_AIRFLOW_RUN, TAG_CODE_VERSION, TAG_DATA_WINDOW,
-                                  TAG_SCHEMA_HASH, Registry, code_version)
+    from dayloop.registry import (
+        TAG_AIRFLOW_RUN,
+        TAG_CODE_VERSION,
+        TAG_DATA_WINDOW,
+        TAG_SCHEMA_HASH,
+        Registry,
+        code_version,
+    )
 
     summary = json.loads(Path(train_out["train_result"]).read_text())
     lineage = {

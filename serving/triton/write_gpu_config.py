@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
+from serving.fileio import atomic_write_text
 from serving.triton.repository import ensure_repository, model_dir
 
 
@@ -48,12 +48,7 @@ def write_gpu_config(repository: Path, replace: bool = False) -> tuple[Path, str
         outcome = "written"
     mdir.mkdir(parents=True, exist_ok=True)
     # Triton may read the file at any moment (a load request): it sees old or new, never half.
-    tmp = mdir / f".config.pbtxt.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(want)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, want)
     return path, outcome
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from dayloop.config import load_settings
 from dayloop.registry import CHALLENGER, CHAMPION, PREVIOUS, TAG_INDEX_PREFIX, Registry
-from dayloop.rollout.context import RolloutContext
 from dayloop.rollout import bake, controller, manual
+from dayloop.rollout.context import RolloutContext
 from dayloop.rollout.deploy import RolloutAborted
 from dayloop.simulation.panel import write_panel
 from serving.client import DataPlaneClient

@@ -120,7 +120,7 @@ def dashboard_exprs(dash: dict) -> list[str]:
 
 
 SERVICE_SERIES = (exported_series(ROOT / "serving" / "router" / "metrics.py")
-                  | exported_series(ROOT / "serving" / "index_service" / "app.py"))
+                  | exported_series(ROOT / "serving" / "index_service" / "metrics.py"))
 
 
 # ------------------------------------------------------------------------------ compose

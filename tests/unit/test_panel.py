@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import zipfile
@@ -110,7 +109,7 @@ def test_synthetic_panel_holds_each_users_true_top_items() -> None:
         others = np.delete(logits[row], rel - 1)
         assert chosen.min() >= others.max()
     assert panel.meta["kind"] == "synthetic" and panel.meta["ds"] == ds.isoformat()
-    assert panel.meta["synthetic"] == dataclasses.asdict(SMALL)
+    assert panel.meta["synthetic"] == SMALL.model_dump()
 
 
 def test_synthetic_panel_checks_its_arguments() -> None:

@@ -39,7 +39,7 @@ def test_slices_tile_the_log_without_gaps_or_overlap() -> None:
     cal = ReplayCalendar(n_events=1_000_209, events_per_day=5000, replay_days=30, replay_start=START)
     bounds = [cal.event_slice(i) for i in range(-cal.n_history_days, cal.replay_days)]
     assert bounds[0][0] == 0 and bounds[-1][1] == 1_000_209
-    for (lo1, hi1), (lo2, _) in zip(bounds, bounds[1:]):
+    for (_lo1, hi1), (lo2, _) in zip(bounds, bounds[1:]):
         assert hi1 == lo2
     assert all(hi - lo == 5000 for lo, hi in bounds[1:])
     # 850,209 history events: 170 full days and one of 209.

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tenacity
 
+from dayloop.bundle_layout import USER_IDS_FILE
 from dayloop.config import Settings
 from dayloop.errors import DayloopError
 from dayloop.registry import TAG_PROMOTION, TAG_ROLLOUT
 from dayloop.rollout.pairs import load_pair, serving_pair
-from dayloop.bundle_layout import USER_IDS_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from serving.client import DataPlaneClient

@@ -55,8 +55,8 @@ def serving_pair(settings: Settings, version: int, require_gate: bool = True) ->
 
     ``require_gate=False`` (a forced manual rollback) accepts a version whose offline gate did
     not pass; the index is always required."""
-    from dayloop.registry import TAG_GATE_DECISION, TAG_INDEX_PREFIX, Registry, tracking_uri
     from dayloop.bundle_layout import MODEL_META_FILE, SERVING_TOWER_FILE
+    from dayloop.registry import TAG_GATE_DECISION, TAG_INDEX_PREFIX, Registry, tracking_uri
 
     reg = Registry(settings)
     try:

@@ -20,7 +20,6 @@ CLI: ``python -m dayloop.simulation.panel --out PATH (--after YYYY-MM-DD [--days
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import sys
@@ -194,7 +193,7 @@ def panel_from_synthetic(world: "SyntheticWorld", ds: dt.date | str, top_n: int 
         "top_n": top,
         "n_items": int(n_items),
         "n_users": int(world.user_ids.size),
-        "synthetic": dataclasses.asdict(world.settings),
+        "synthetic": world.settings.model_dump(),
     }
     return make_panel(world.user_ids, relevant, meta)
 
