@@ -112,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     del flat
     say(f"flat: build {flat_build:.1f}s, {exact_qps:,.0f} q/s")
 
+    def measure(index, kind: str, fixed: str, knob: str, value: int, initial: int, build: float) -> None:
+        """Recall and q/s of ``index`` at its current search setting ``knob=value``: one row."""
+        recall = fi.recall_against_exact(index, x, ids, queries, k, ground_truth=truth)
+        qps, _ = timed_search(index, queries, k)
+        tag = " (initial)" if value == initial else ""
+        rows.append((kind, f"{fixed}{knob}={value}{tag}", build, recall, qps))
+        say(f"  {knob}={value}: recall {recall:.4f}, {qps:,.0f} q/s")
+
     if "ivf" in kinds:
         spec = fi.choose_index_spec(n, dim, exact_threshold=0, k=k)
         t0 = time.perf_counter()
@@ -122,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                          min(spec.nlist, spec.nprobe * 2), min(spec.nlist, spec.nprobe * 4)})
         for p in probes:
             fi.set_search_params(ivf, nprobe=p)
-            recall = fi.recall_against_exact(ivf, x, ids, queries, k, ground_truth=truth)
-            qps, _ = timed_search(ivf, queries, k)
-            tag = " (initial)" if p == spec.nprobe else ""
-            rows.append(("ivf", f"nlist={spec.nlist} nprobe={p}{tag}", build, recall, qps))
-            say(f"  nprobe={p}: recall {recall:.4f}, {qps:,.0f} q/s")
+            measure(ivf, "ivf", f"nlist={spec.nlist} ", "nprobe", p, spec.nprobe, build)
         del ivf
 
     if "hnsw" in kinds:
@@ -141,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"hnsw: M={spec.hnsw_m} efConstruction={spec.ef_construction} build {build:.1f}s")
         for ef in sorted({k, spec.ef_search, 2 * spec.ef_search, 4 * spec.ef_search}):
             fi.set_search_params(hnsw, ef_search=ef)
-            recall = fi.recall_against_exact(hnsw, x, ids, queries, k, ground_truth=truth)
-            qps, _ = timed_search(hnsw, queries, k)
-            tag = " (initial)" if ef == spec.ef_search else ""
-            rows.append(("hnsw", f"M={spec.hnsw_m} efSearch={ef}{tag}", build, recall, qps))
-            say(f"  efSearch={ef}: recall {recall:.4f}, {qps:,.0f} q/s")
+            measure(hnsw, "hnsw", f"M={spec.hnsw_m} ", "efSearch", ef, spec.ef_search, build)
         del hnsw
 
     say("")

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import stats as sps
@@ -45,10 +47,11 @@ from dayloop.rollout.analysis import (
     update_ctr_state,
 )
 
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 # The router's buckets (serving/router/metrics.py), each histogram closed by +Inf.
-LATENCY_LE = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-              0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, math.inf)
-SCORE_LE = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21)) + (math.inf,)
+from serving_helpers import LATENCY_LE, SCORE_LE  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,19 @@ service processes started in their own session and stopped by their process grou
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from serving.router.buckets import LATENCY_BUCKETS, SCORE_BUCKETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +176,60 @@ class Handler(BaseHTTPRequestHandler):
 
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
+
+
+def post_event(port: int, event: dict) -> None:
+    """POST one event to a ROUTER_METRICS_EXPORTER on ``port`` (asserts it was taken)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/event", data=json.dumps(event).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+def prom_value(prom_port: int, query: str) -> float | None:
+    """The first value of an instant PromQL query on a local Prometheus (None: empty result)."""
+    url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        result = json.loads(resp.read())["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+class RouterPrometheus:
+    """Two router-metric exporters ("a" and "b", ROUTER_METRICS_EXPORTER in the serving venv)
+    and a real Prometheus scraping them every second, all on free loopback ports.
+
+    Started by the constructor; call ``wait_ready()`` and ``stop()`` (Prometheus first) inside
+    and after the test's ``try``."""
+
+    def __init__(self, prometheus: str, log_dir: Path) -> None:
+        from serving.prometheus.render import render_config
+
+        log_dir = Path(log_dir)
+        self.ports = {"a": free_port(), "b": free_port()}
+        self.prom_port = free_port()
+        self.prom_url = f"http://127.0.0.1:{self.prom_port}"
+        self.exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER,
+                                                       str(p)], log_dir)
+                          for r, p in self.ports.items()}
+        config = render_config(log_dir / "conf", [f"127.0.0.1:{p}" for p in self.ports.values()],
+                               index_service=None, triton=None, scrape_interval="1s")
+        self.prom = Service("prometheus", [prometheus, f"--config.file={config}",
+                                           f"--web.listen-address=127.0.0.1:{self.prom_port}",
+                                           f"--storage.tsdb.path={log_dir / 'tsdb'}"], log_dir)
+
+    def wait_ready(self) -> None:
+        for r, e in self.exporters.items():
+            e.wait_http(f"http://127.0.0.1:{self.ports[r]}/metrics", timeout=30)
+        self.prom.wait_http(f"{self.prom_url}/-/ready", timeout=30)
+
+    def stop(self) -> None:
+        self.prom.stop()
+        for e in self.exporters.values():
+            e.stop()
+
+
+# The router's histogram bounds as Prometheus exposes them, each closed by +Inf.
+LATENCY_LE, SCORE_LE = (b + (math.inf,) for b in (LATENCY_BUCKETS, SCORE_BUCKETS))
 
 
 def top_items(bundle_dir: Path, users, k: int):

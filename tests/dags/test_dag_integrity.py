@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from airflow_env import airflow_env
+
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if p.name != "__init__.py")  # __init__: for the contracts
 HEAVY = ("torch", "pyspark", "mlflow", "great_expectations", "faiss", "pandas", "numpy",
@@ -48,14 +50,7 @@ print(json.dumps({
 
 
 def _airflow_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-    })
-    return env
+    return airflow_env(tmp_path / "airflow", AIRFLOW__CORE__UNIT_TEST_MODE="False")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from airflow_env import airflow_env
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,20 +33,17 @@ def _day(n: int) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("dagtest")
-    env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(base / "airflow"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "DAYLOOP_HOME": str(base / "home"),
-        "DAYLOOP_SOURCE": "synthetic",
-        "DAYLOOP_REPLAY_START": START.isoformat(),
-        "DAYLOOP_TRAIN_WINDOW_DAYS": "14",
+    env = airflow_env(
+        base / "airflow",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        DAYLOOP_HOME=str(base / "home"),
+        DAYLOOP_SOURCE="synthetic",
+        DAYLOOP_REPLAY_START=START.isoformat(),
+        DAYLOOP_TRAIN_WINDOW_DAYS="14",
         # Enough users that a paired per-user test can tell equal models apart.
-        "DAYLOOP_SYNTH_USERS": "1500",
-        "DAYLOOP_CODE_VERSION": "test",
-    })
+        DAYLOOP_SYNTH_USERS="1500",
+        DAYLOOP_CODE_VERSION="test",
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DAYLOOP_PLANT_FAULTS", None)
     subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env,

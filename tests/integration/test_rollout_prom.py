@@ -4,19 +4,23 @@ moves by known amounts at known times."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
-import urllib.parse
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from dayloop.rollout.prom import PrometheusUnavailable, read_window, scrape_health, window_seconds
-from serving.prometheus.render import render_config
-from serving_helpers import ROUTER_METRICS_EXPORTER, Service, free_port, serving_python
+from serving_helpers import (
+    ROUTER_METRICS_EXPORTER,
+    RouterPrometheus,
+    Service,
+    free_port,
+    post_event,
+    prom_value,
+    serving_python,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +51,6 @@ BURST = {
 ONE_OFF = {1: ("a", {"version": "1", "errors": {"timeout": 3}}),
            2: ("b", {"version": "1", "errors": {"index": 2}}),
            4: ("a", {"version": "1", "nonfinite": 1})}
-
-
-def _post(port: int, event: dict) -> None:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/event", data=json.dumps(event).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
-
-
-def _prom_value(prom_port: int, query: str) -> float | None:
-    url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        result = json.loads(resp.read())["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
 
 
 def _bucket(buckets: list[tuple[float, float]], le: float) -> float:
@@ -102,25 +92,15 @@ def test_unreachable_prometheus_raises_instead_of_reading_empty():
 
 @needs_prometheus
 def test_read_window_counts_what_happened_in_the_window(tmp_path):
-    ports = {"a": free_port(), "b": free_port()}
-    prom_port = free_port()
-    prom_url = f"http://127.0.0.1:{prom_port}"
-    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER, str(p)], tmp_path)
-                 for r, p in ports.items()}
-    config = render_config(tmp_path / "conf", [f"127.0.0.1:{p}" for p in ports.values()],
-                           index_service=None, triton=None, scrape_interval="1s")
-    prom = Service("prometheus", [PROMETHEUS, f"--config.file={config}",
-                                  f"--web.listen-address=127.0.0.1:{prom_port}",
-                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}"], tmp_path)
+    stack = RouterPrometheus(PROMETHEUS, tmp_path)
+    ports, prom_port, prom_url, prom = stack.ports, stack.prom_port, stack.prom_url, stack.prom
     try:
-        for r, e in exporters.items():
-            e.wait_http(f"http://127.0.0.1:{ports[r]}/metrics", timeout=30)
-        prom.wait_http(f"{prom_url}/-/ready", timeout=30)
+        stack.wait_ready()
         for r, events in PRE.items():
             for event in events:
-                _post(ports[r], event)
+                post_event(ports[r], event)
         deadline = time.monotonic() + 20
-        while _prom_value(prom_port, 'sum(dayloop_router_requests_total{version="1"})') != 150:
+        while prom_value(prom_port, 'sum(dayloop_router_requests_total{version="1"})') != 150:
             assert time.monotonic() < deadline, prom.log_tail()
             time.sleep(0.2)
         # Two more scrapes, so version 1's series have samples before the window opens.
@@ -134,10 +114,10 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
             time.sleep(max(0.0, t_start + 2.0 + i * BURST_EVERY_S - time.monotonic()))
             for r, events in BURST.items():
                 for event in events:
-                    _post(ports[r], event)
+                    post_event(ports[r], event)
             if i in ONE_OFF:
                 r, event = ONE_OFF[i]
-                _post(ports[r], event)
+                post_event(ports[r], event)
         time.sleep(3 * SCRAPE_S)
         end = datetime.now(timezone.utc)
 
@@ -147,16 +127,14 @@ def test_read_window_counts_what_happened_in_the_window(tmp_path):
         before = read_window(prom_url, [1, 2], start - timedelta(seconds=2), start + timedelta(seconds=1))
         health = scrape_health(prom_url)
         health_window = scrape_health(prom_url, start=start, end=end)
-        exporters["b"].stop()
+        stack.exporters["b"].stop()
         deadline = time.monotonic() + 15
         while (after_stop := scrape_health(prom_url))["healthy"]:
             assert time.monotonic() < deadline, prom.log_tail()
             time.sleep(0.3)
         over_stop = scrape_health(prom_url, start=start, end=datetime.now(timezone.utc))
     finally:
-        prom.stop()
-        for e in exporters.values():
-            e.stop()
+        stack.stop()
 
     w = window_seconds(start, end)
     assert got[1].window_seconds == w and 20 <= w <= 25

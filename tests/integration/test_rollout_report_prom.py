@@ -4,20 +4,16 @@ report rendered from what came back."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
-import urllib.parse
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from dayloop.rollout.plan import PROFILES
 from dayloop.rollout.report import fetch_series, render_report
-from serving.prometheus.render import render_config
-from serving_helpers import ROUTER_METRICS_EXPORTER, Service, free_port, serving_python
+from serving_helpers import RouterPrometheus, post_event, prom_value
 
 pytestmark = pytest.mark.integration
 
@@ -40,20 +36,6 @@ CTR = {CONTROL: 0.2, CANARY: 0.25}
 SHARE = {CONTROL: 0.8, CANARY: 0.2}
 
 
-def _post(port: int, event: dict) -> None:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/event", data=json.dumps(event).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
-
-
-def _prom_value(prom_port: int, query: str) -> float | None:
-    url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        result = json.loads(resp.read())["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
-
-
 def _settled(points, since: float, until: float) -> list[float]:
     """Values whose whole rate window lies inside the traffic."""
     return [v for t, v in points if since <= t <= until]
@@ -61,27 +43,17 @@ def _settled(points, since: float, until: float) -> list[float]:
 
 @needs_prometheus
 def test_fetch_series_reads_what_the_routers_did_and_the_report_plots_it(tmp_path):
-    ports = {"a": free_port(), "b": free_port()}
-    prom_port = free_port()
-    prom_url = f"http://127.0.0.1:{prom_port}"
-    exporters = {r: Service(f"exporter-{r}", [str(serving_python()), "-c", ROUTER_METRICS_EXPORTER, str(p)], tmp_path)
-                 for r, p in ports.items()}
-    config = render_config(tmp_path / "conf", [f"127.0.0.1:{p}" for p in ports.values()],
-                           index_service=None, triton=None, scrape_interval="1s")
-    prom = Service("prometheus", [PROMETHEUS, f"--config.file={config}",
-                                  f"--web.listen-address=127.0.0.1:{prom_port}",
-                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}"], tmp_path)
+    stack = RouterPrometheus(PROMETHEUS, tmp_path)
+    ports, prom_port, prom_url, prom = stack.ports, stack.prom_port, stack.prom_url, stack.prom
     try:
-        for r, e in exporters.items():
-            e.wait_http(f"http://127.0.0.1:{ports[r]}/metrics", timeout=30)
-        prom.wait_http(f"{prom_url}/-/ready", timeout=30)
+        stack.wait_ready()
         for port in ports.values():
             for v, share in SHARE.items():
-                _post(port, {"version": str(v), "share": share})
+                post_event(port, {"version": str(v), "share": share})
         # Prometheus picks its targets up a few seconds after it is ready: wait until both
         # replicas are scraped, or the first seconds of traffic would predate every sample.
         deadline = time.monotonic() + 20
-        while _prom_value(prom_port, "count(dayloop_router_route_share)") != 2 * len(SHARE):
+        while prom_value(prom_port, "count(dayloop_router_route_share)") != 2 * len(SHARE):
             assert time.monotonic() < deadline, prom.log_tail()
             time.sleep(0.2)
 
@@ -91,18 +63,16 @@ def test_fetch_series_reads_what_the_routers_did_and_the_report_plots_it(tmp_pat
             time.sleep(max(0.0, t0 + i - time.monotonic()))
             for port in ports.values():
                 for event in EVERY_SECOND:
-                    _post(port, event)
+                    post_event(port, event)
             if i == 5:
                 # One NaN: it creates the canary's series at 1, which plain rate() never sees.
-                _post(ports["a"], {"version": str(CANARY), "nonfinite": 1})
+                post_event(ports["a"], {"version": str(CANARY), "nonfinite": 1})
         traffic_end = datetime.now(timezone.utc)
         time.sleep(3.0)  # the last bursts scraped
         end = datetime.now(timezone.utc)
         series = fetch_series(prom_url, [CONTROL, CANARY, IDLE], start - timedelta(seconds=5), end, step_s=1.0)
     finally:
-        prom.stop()
-        for e in exporters.values():
-            e.stop()
+        stack.stop()
 
     assert set(series) == {"request_rate", "error_ratio", "p99_latency_s", "nonfinite_rate", "ctr",
                            "route_share"}

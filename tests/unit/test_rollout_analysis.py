@@ -28,10 +28,7 @@ from dayloop.rollout.analysis import (
     update_ctr_state,
     worst_phase,
 )
-
-LATENCY_LE = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-              0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, math.inf)
-SCORE_LE = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21)) + (math.inf,)
+from serving_helpers import LATENCY_LE, SCORE_LE  # the router's buckets, each closed by +Inf
 
 
 def _histogram(bounds: tuple[float, ...], cdf, n: float) -> Histogram:

@@ -118,6 +118,32 @@ class ReplayCalendar:
         return max(lo, 0), lo + self.events_per_day
 
 
+class CalendarDays:
+    """The date properties of a world that replays through ``self.calendar``.
+
+    A mixin for the World classes: each sets ``calendar`` in its constructor and gets
+    ``first_day``, ``last_day``, ``history_days`` and ``day_index`` from it.
+    """
+
+    calendar: ReplayCalendar
+
+    @property
+    def first_day(self) -> dt.date:
+        return self.calendar.first_day
+
+    @property
+    def last_day(self) -> dt.date:
+        return self.calendar.last_day
+
+    @property
+    def history_days(self) -> list[dt.date]:
+        return self.calendar.history_days
+
+    def day_index(self, ds: dt.date) -> int:
+        """Replay index of ``ds``; raises DataUnavailable outside the world's dates (the data)."""
+        return self.calendar.day_index(ds)
+
+
 def sort_events(events: pd.DataFrame) -> pd.DataFrame:
     """Sort by ``(ts, user_id, item_id)`` (stable, total) and reset the index."""
     return events.sort_values(list(SORT_KEYS), kind="mergesort").reset_index(drop=True)

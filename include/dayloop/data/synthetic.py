@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from dayloop.config import SyntheticSettings, parse_day
-from dayloop.data.replay import ReplayCalendar
+from dayloop.data.replay import CalendarDays, ReplayCalendar
 from dayloop.data.schema import INTERACTION_COLUMNS, ITEM_COLUMNS, USER_COLUMNS
 
 # MovieLens vocabularies, so both sources share one feature space.
@@ -46,11 +46,12 @@ _YEAR_MIN, _YEAR_MAX = 1919, 2000
 _STATIC_STREAM, _DAY_STREAM = 11, 23
 
 
-class SyntheticWorld:
+class SyntheticWorld(CalendarDays):
     """Deterministic synthetic users, items and daily interactions.
 
     ``relevance(user_ids, ds)`` returns the logits the sampler uses, so a user
-    simulator can reproduce how synthetic users choose.
+    simulator can reproduce how synthetic users choose. The dates (``first_day``,
+    ``last_day``, ``history_days``, ``day_index``) come from ``calendar``.
     """
 
     def __init__(
@@ -92,23 +93,6 @@ class SyntheticWorld:
         self._feature_seed = int(rng.integers(0, 2**31))
         self.user_ids = np.arange(1, s.n_users + 1, dtype=np.int64)
         self.item_ids = np.arange(1, s.n_items + 1, dtype=np.int64)
-
-    # ----- calendar ---------------------------------------------------------------
-    @property
-    def first_day(self) -> dt.date:
-        return self.calendar.first_day
-
-    @property
-    def last_day(self) -> dt.date:
-        return self.calendar.last_day
-
-    @property
-    def history_days(self) -> list[dt.date]:
-        return self.calendar.history_days
-
-    def day_index(self, ds: dt.date) -> int:
-        """Replay index of ``ds``; raises DataUnavailable outside the world's dates."""
-        return self.calendar.day_index(ds)
 
     # ----- dimensions ---------------------------------------------------------------
     @cached_property

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import pandas as pd
 
 from dayloop.config import Settings
-from dayloop.data.replay import ReplayCalendar, retime, sort_events
+from dayloop.data.replay import CalendarDays, ReplayCalendar, retime, sort_events
 
 
 @runtime_checkable
@@ -63,8 +63,8 @@ def _movielens_data(path: Path) -> _MovieLensData:
         return data
 
 
-class MovieLensWorld:
-    """MovieLens-1M replayed through a ReplayCalendar."""
+class MovieLensWorld(CalendarDays):
+    """MovieLens-1M replayed through a ReplayCalendar (its dates: CalendarDays)."""
 
     def __init__(self, settings: Settings, fetch: bool = True) -> None:
         from dayloop.data.movielens import dataset_dir, ensure_movielens, is_present
@@ -86,22 +86,6 @@ class MovieLensWorld:
             replay_days=settings.replay_days,
             replay_start=settings.replay_start,
         )
-
-    @property
-    def first_day(self) -> dt.date:
-        return self.calendar.first_day
-
-    @property
-    def last_day(self) -> dt.date:
-        return self.calendar.last_day
-
-    @property
-    def history_days(self) -> list[dt.date]:
-        return self.calendar.history_days
-
-    def day_index(self, ds: dt.date) -> int:
-        """Replay index of ``ds``; raises DataUnavailable outside the data."""
-        return self.calendar.day_index(ds)
 
     def users(self) -> pd.DataFrame:
         """User dimension (all 6,040 users)."""

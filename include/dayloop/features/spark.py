@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.fileio import atomic_write_text
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -108,9 +110,7 @@ def _start(master: str, app_name: str, driver_memory: str, scratch: Path) -> "Sp
     log4j_file = scratch / "log4j2.properties"
     if not log4j_file.is_file() or log4j_file.read_text() != _LOG4J2_PROPERTIES:
         # Atomic, since concurrent sessions may share the scratch directory.
-        tmp = scratch / f".log4j2.{os.getpid()}.tmp"
-        tmp.write_text(_LOG4J2_PROPERTIES)
-        tmp.replace(log4j_file)
+        atomic_write_text(log4j_file, _LOG4J2_PROPERTIES)
     if _is_local(master) and "SPARK_LOCAL_IP" not in os.environ:
         # Stay on loopback: a local driver needs no routable address, and Spark
         # otherwise warns about (and may pick) an external interface.

@@ -47,6 +47,19 @@ def _png(fig: object) -> bytes:
     return buf.getvalue()
 
 
+def _share_hist(ax: object, values: np.ndarray, bins: np.ndarray, label: str, legend: str) -> None:
+    """One side's step histogram on ``ax``, as shares of its (non-empty) ``values``."""
+    ax.hist(  # type: ignore[attr-defined]
+        values,
+        bins=bins,
+        histtype="step",
+        linewidth=1.5,
+        color=_COLORS.get(label),
+        label=legend,
+        weights=np.full(values.size, 1.0 / values.size),
+    )
+
+
 def _metric_plot(frames: Mapping[str, pd.DataFrame], columns: list[str]) -> bytes:
     from matplotlib.figure import Figure
 
@@ -66,15 +79,7 @@ def _metric_plot(frames: Mapping[str, pd.DataFrame], columns: list[str]) -> byte
                 values = values[np.isfinite(values)]
                 if values.size == 0:
                     continue
-                ax.hist(
-                    values,
-                    bins=bins,
-                    histtype="step",
-                    linewidth=1.5,
-                    color=_COLORS.get(label),
-                    label=f"{label} (mean {values.mean():.3f})",
-                    weights=np.full(values.size, 1.0 / values.size),
-                )
+                _share_hist(ax, values, bins, label, f"{label} (mean {values.mean():.3f})")
             ax.set_title(f"per-user {col}")
             ax.set_xlabel(col)
             ax.set_ylabel("share of users")
@@ -94,15 +99,7 @@ def _score_plot(samples: Mapping[str, np.ndarray], psi_value: float | None) -> b
     for label, values in finite.items():
         if values.size == 0:
             continue
-        ax.hist(
-            values,
-            bins=bins,
-            histtype="step",
-            linewidth=1.5,
-            color=_COLORS.get(label),
-            label=f"{label} (n={values.size})",
-            weights=np.full(values.size, 1.0 / values.size),
-        )
+        _share_hist(ax, values, bins, label, f"{label} (n={values.size})")
     title = "top-1 score per user"
     if psi_value is not None:
         title += f" (PSI {psi_value:.4f})"

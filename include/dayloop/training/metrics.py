@@ -78,6 +78,28 @@ def _hits(ranked: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
     return np.isin(top, targets) & mask
 
 
+def _ranking_hits(
+    ranked: Sequence[int] | np.ndarray,
+    targets: Iterable[int] | np.ndarray,
+    k: int,
+    seen: Iterable[int] | np.ndarray | None,
+) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """The common start of a one-ranking metric: ``(k, relevant targets, hit vector)``.
+
+    ``k`` is validated; the relevant targets are the distinct targets not in ``seen``; the
+    hit vector covers the first ``k`` ranked ids once ``seen`` ids are dropped from the
+    ranking. It is None when no target is relevant (the metric is then NaN).
+    """
+    k = _validate_k(k)
+    rel = relevant_targets(targets, seen)
+    if rel.size == 0:
+        return k, rel, None
+    ranked_arr = _as_id_array(ranked)
+    if seen is not None:
+        ranked_arr = ranked_arr[~np.isin(ranked_arr, _as_id_array(seen))]
+    return k, rel, _hits(ranked_arr, rel, k)
+
+
 def recall_at_k(
     ranked: Sequence[int] | np.ndarray,
     targets: Iterable[int] | np.ndarray,
@@ -85,14 +107,10 @@ def recall_at_k(
     seen: Iterable[int] | np.ndarray | None = None,
 ) -> float:
     """Recall@k of one ranking; ``seen`` ids are skipped in the ranking and the targets."""
-    k = _validate_k(k)
-    rel = relevant_targets(targets, seen)
-    if rel.size == 0:
+    k, rel, hits = _ranking_hits(ranked, targets, k, seen)
+    if hits is None:
         return float("nan")
-    ranked_arr = _as_id_array(ranked)
-    if seen is not None:
-        ranked_arr = ranked_arr[~np.isin(ranked_arr, _as_id_array(seen))]
-    return float(_hits(ranked_arr, rel, k).sum() / rel.size)
+    return float(hits.sum() / rel.size)
 
 
 def ndcg_at_k(
@@ -102,14 +120,9 @@ def ndcg_at_k(
     seen: Iterable[int] | np.ndarray | None = None,
 ) -> float:
     """NDCG@k (binary gains) of one ranking; ``seen`` ids are skipped as in recall."""
-    k = _validate_k(k)
-    rel = relevant_targets(targets, seen)
-    if rel.size == 0:
+    k, rel, hits = _ranking_hits(ranked, targets, k, seen)
+    if hits is None:
         return float("nan")
-    ranked_arr = _as_id_array(ranked)
-    if seen is not None:
-        ranked_arr = ranked_arr[~np.isin(ranked_arr, _as_id_array(seen))]
-    hits = _hits(ranked_arr, rel, k)
     discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
     dcg = float((hits * discounts[: hits.size]).sum())
     idcg = float(discounts[: min(rel.size, k)].sum())
