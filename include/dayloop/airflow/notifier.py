@@ -15,7 +15,6 @@ import json
 import logging
 from typing import Any
 
-import httpx
 from airflow.sdk.bases.notifier import BaseNotifier
 
 log = logging.getLogger("dayloop.alerts")
@@ -45,6 +44,8 @@ def send_alert(payload: dict[str, Any], url: str | None, timeout_s: float = 5.0)
     log.warning("ALERT %s", payload.get("text"))
     if not url:
         return True
+    import httpx  # here, not at the top: the DAG files import this module at parse time
+
     # Encoded here, not by httpx: its JSON encoder refuses NaN, and a payload that cannot be
     # encoded at all is a programming error that should raise, not an undelivered alert.
     body = json.dumps(payload).encode()

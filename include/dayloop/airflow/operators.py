@@ -66,11 +66,11 @@ class BakeAndRampOperator(BaseOperator):
         record = {"index": index, "percent": plan.steps[index].percent, **event}
         steps.append(record)
         context["ti"].xcom_push(key="steps", value=steps)
-        tasks.record_step(self.rollout, record)
+        tasks.record_step(ctx, record)
         if record["decision"] != "pass":
-            tasks.stop_rollout(self.rollout, record)  # raises AirflowFailException with the reason
+            tasks.stop_rollout(ctx, record)  # raises AirflowFailException with the reason
         if index + 1 < len(plan.steps):
-            started = tasks.route_next_step(self.rollout, index + 1)
+            started = tasks.route_next_step(ctx, index + 1)
             self._bake(ctx, index + 1, started, event.get("ctr_state"), steps)
         return {"outcome": "passed", "steps": len(steps), "version": ctx.version}
 

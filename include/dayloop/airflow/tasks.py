@@ -44,8 +44,9 @@ def _day(ds: str | None):
     return parse_day(ds)
 
 
-def _context(value: dict | None):
-    """The rollout context from its XCom (None when deploy_canary never pushed one)."""
+def _context(value: Any):
+    """The rollout context from its XCom dict (None when deploy_canary never pushed one); a
+    context the bake operator already read is passed through, not parsed again."""
     from dayloop.rollout.context import context_or_none
 
     return context_or_none(value)
@@ -132,7 +133,7 @@ def deploy_canary(published: dict, params: dict | None = None, run_id: str | Non
 
 
 @_decided
-def route_next_step(ctx: dict, step_index: int) -> str:
+def route_next_step(ctx: Any, step_index: int) -> str:
     from dayloop.rollout import controller
     from dayloop.rollout.deploy import RolloutAborted
 
@@ -145,14 +146,14 @@ def route_next_step(ctx: dict, step_index: int) -> str:
         raise
 
 
-def record_step(ctx: dict, record: dict) -> None:
+def record_step(ctx: Any, record: dict) -> None:
     from dayloop.rollout import controller
 
     controller.record_step(load_settings(), _context(ctx), record)
 
 
 @_decided
-def stop_rollout(ctx: dict, record: dict) -> None:
+def stop_rollout(ctx: Any, record: dict) -> None:
     from dayloop.rollout import controller
 
     reason = controller.fail_step(load_settings(), _context(ctx), record)

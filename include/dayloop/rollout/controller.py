@@ -29,8 +29,10 @@ from dayloop.rollout.context import Endpoints, RolloutContext, RolloutMode
 from dayloop.rollout.deploy import DeployFailed, taken_over
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dayloop.registry import Registry
     from dayloop.rollout.plan import RolloutPlan
     from serving.client import DataPlaneClient
+    from serving.route_store import Revision
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def deploy_canary(settings: Settings, published: Mapping[str, Any], params: Mapp
     return ctx
 
 
-def _refuse_unless_free(reg: Any, current: Any, version: int, champion: int) -> None:
+def _refuse_unless_free(reg: Registry, current: Revision, version: int, champion: int) -> None:
     """One rollout at a time, and never the same version twice."""
     shares = current.table.shares()
     if set(shares) != {champion}:
