@@ -27,11 +27,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from dayloop.errors import DayloopError
+from serving.router.buckets import LATENCY_BUCKETS
 from serving.routing import N_BUCKETS
 
-# Upper bucket bound of the router's latency histogram (serving/router/metrics.py,
-# LATENCY_BUCKETS): above it only +Inf remains, so a larger p99 budget could never be judged.
-MAX_P99_BUDGET_S = 2.0
+# The router latency histogram's top finite bound: above it only +Inf remains, so a larger
+# p99 budget could never be judged.
+MAX_P99_BUDGET_S = LATENCY_BUCKETS[-1]
 
 
 class InvalidPlan(DayloopError, ValueError):
