@@ -11,7 +11,11 @@ ports in a temporary home, loads one MovieLens-1M-sized version (6,040 users, 3,
   router's own asyncio clients (grpc.aio, httpx.AsyncClient) to separate their cost;
 * end to end: ``POST /recommend`` through the routers (round-robin over both replicas),
   sequentially, at a fixed open-loop rate and at saturation (closed loop, C workers);
-* route propagation: the time from a route-table write until every replica serves it.
+* route propagation: the time from a route-table write until every replica serves it;
+* seen-items exclusion: a second version (same model) whose index carries a seen-items file
+  with MovieLens-1M-shaped histories (per-user counts lognormal, median 69, as the real
+  panel users' at replay day 0): ``POST /search`` with ``user_ids`` on it vs without on
+  the plain index, and ``/recommend`` routed to each.
 
 It prints p50/p99 latency and throughput per path, the router's own overhead (end to end
 minus direct) and the ratios, and a per-request breakdown of a sequential /recommend from
@@ -548,6 +552,82 @@ def bench_propagation(dp, urls: list[str], trials: int) -> tuple[list[float], li
     return to_all, write_s, after_ack
 
 
+# ---------------------------------------------------------------------------- exclusion
+SEEN_VERSION = 2
+
+
+def make_seen_index(index_dir: Path, out: Path, users: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    """``index_dir`` copied to ``out`` plus a seen-items file; returns each user's seen count.
+
+    Counts are lognormal with median 69 (MovieLens-1M panel users at replay day 0: median 69,
+    p99 1,096, max 1,728 ratings of 3,706 movies), capped at half the catalogue."""
+    import shutil
+
+    from serving.fileio import file_sha256
+    from serving.index_service.seen import SEEN_FILE, csr_from_pairs, write_seen_file
+
+    shutil.copytree(index_dir, out)
+    rng = np.random.default_rng(9)
+    counts = np.clip(rng.lognormal(np.log(69), 1.3, size=users.size).astype(np.int64), 1, item_ids.size // 2)
+    pairs_u = np.repeat(users, counts)
+    pairs_i = np.concatenate([rng.choice(item_ids, size=c, replace=False) for c in counts])
+    path = write_seen_file(out / SEEN_FILE, *csr_from_pairs(pairs_u, pairs_i), "2026-01-01")
+    meta = json.loads((out / "index_meta.json").read_text())
+    meta["seen_items"] = {"file": SEEN_FILE, "fingerprint": file_sha256(path), "last_day": "2026-01-01"}
+    (out / "index_meta.json").write_text(json.dumps(meta))
+    return counts
+
+
+def bench_index_search(index_url: str, version: int, vectors: np.ndarray, users: np.ndarray, n: int,
+                       with_users: bool) -> Stats:
+    """Sequential ``POST /search`` of one user vector, with or without its user id."""
+    import httpx
+
+    def body(i: int) -> dict:
+        b = {"version": version, "vectors": [vectors[i % len(vectors)].tolist()], "k": K}
+        if with_users:
+            b["user_ids"] = [int(users[i % len(users)])]
+        return b
+
+    with httpx.Client(base_url=index_url, timeout=10.0) as c:
+        for i in range(50):
+            c.post("/search", json=body(i)).raise_for_status()
+        lat = []
+        start = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            c.post("/search", json=body(i)).raise_for_status()
+            lat.append(time.perf_counter() - t0)
+    name = f"index /search v{version} " + ("with user_ids (exclusion)" if with_users else "without user_ids")
+    return Stats(name, lat, time.perf_counter() - start)
+
+
+def bench_exclusion(dp, ep: dict, urls: list[str], bundle: Path, users: np.ndarray, n: int) -> list[Stats]:
+    """Search and /recommend with the seen-items exclusion vs without, sequential, same users."""
+    import torch
+
+    from serving.routing import single_version_table
+
+    tower = torch.jit.load(str(bundle / "serving_tower.pt"), map_location="cpu").eval()
+    sample = users[:500]
+    with torch.inference_mode():
+        vectors = tower(torch.from_numpy(sample.reshape(-1, 1))).numpy().astype(np.float32)
+    plain = bench_index_search(ep["index_url"], VERSION, vectors, sample, n, with_users=False)
+    excluded = bench_index_search(ep["index_url"], SEEN_VERSION, vectors, sample, n, with_users=True)
+    # The baseline right before, not the e2e run minutes earlier: neighbours' load drifts.
+    e2e_plain = bench_e2e_sequential(urls, users, n)
+    e2e_plain.name = f"e2e /recommend (sequential, v{VERSION}: no seen file)"
+    rev = dp.router.routes().revision
+    rev = dp.router.write_routes(single_version_table(SEEN_VERSION), rev, "bench", "exclusion").revision
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and min(dp.router.applied_revisions().values()) < rev:
+        time.sleep(0.05)
+    e2e_seen = bench_e2e_sequential(urls, users, n)
+    e2e_seen.name = f"e2e /recommend (sequential, v{SEEN_VERSION}: exclusion)"
+    dp.router.write_routes(single_version_table(VERSION), rev, "bench", "back to the plain index")
+    return [plain, excluded, e2e_plain, e2e_seen]
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -600,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         dp = DataPlaneClient.from_plane_file(home / "plane.json")
         meta = json.loads((index_dir / "index_meta.json").read_text())
         dp.load_version(VERSION, bundle / "serving_tower.pt", str(index_dir), args.dim, meta["fingerprint"])
+        seen_counts = make_seen_index(index_dir, work / "index_seen", users, np.load(bundle / "item_ids.npy"))
+        dp.load_version(SEEN_VERSION, bundle / "serving_tower.pt", str(work / "index_seen"), args.dim,
+                        meta["fingerprint"])
         dp.router.write_routes(single_version_table(VERSION), 0, "bench", "bench bootstrap")
         ep = cfg.endpoints()
         urls: list[str] = list(ep["router_urls"])  # type: ignore[arg-type]
@@ -637,6 +720,15 @@ def main(argv: list[str] | None = None) -> int:
         sats = [run(lambda c=c: asyncio.run(_closed_loop(urls, users, c, sat_s, args.load_client)))
                 for c in concurrency]
         rows = [floor, direct, direct_async, direct_sat, e2e, open_loop, *sats]
+        exclusion = bench_exclusion(dp, ep, urls, bundle, users, seq_n)
+        search_plain, search_seen, e2e_plain, e2e_seen = exclusion
+        for s in exclusion:
+            say(s.line())
+        rows += exclusion
+        e2e_after = bench_e2e_sequential(urls, users, seq_n)  # the baseline again: the machine's drift
+        e2e_after.name = f"e2e /recommend (sequential, v{VERSION} again)"
+        say(e2e_after.line())
+        rows.append(e2e_after)
 
         to_all, write_s, after_ack = bench_propagation(dp, urls, trials)
     finally:
@@ -679,6 +771,16 @@ def main(argv: list[str] | None = None) -> int:
     for label, legs in (("sync", direct_legs), ("async", async_legs)):
         say(f"    {label:<5} clients: Triton gRPC round trip {np.median(legs[:, 0]) * 1000:.2f} ms, "
             f"index /search round trip {np.median(legs[:, 1]) * 1000:.2f} ms")
+    say()
+    say(f"seen-items exclusion (k={K}; seen items per user: median {np.median(seen_counts):.0f}, "
+        f"p99 {np.percentile(seen_counts, 99):.0f}, max {seen_counts.max()}):")
+    say(f"  index /search, with / without:   p50 {search_seen.p50 / search_plain.p50:.2f}x "
+        f"({search_seen.p50:.2f} vs {search_plain.p50:.2f} ms), p99 {search_seen.p99 / search_plain.p99:.2f}x "
+        f"({search_seen.p99:.2f} vs {search_plain.p99:.2f} ms)")
+    say(f"  /recommend, with / without:      p50 {e2e_seen.p50 / e2e_plain.p50:.2f}x "
+        f"({e2e_seen.p50:.2f} vs {e2e_plain.p50:.2f} ms), p99 {e2e_seen.p99 / e2e_plain.p99:.2f}x "
+        f"({e2e_seen.p99:.2f} vs {e2e_plain.p99:.2f} ms); baseline rerun after it: p50 {e2e_after.p50:.2f} ms, "
+        f"p99 {e2e_after.p99:.2f} ms")
     say()
     say(f"route-table propagation ({trials} writes; router polls its store every 0.2 s; requirement <= 1 s):")
     say(f"  write -> every replica serving: min {min(to_all):.3f} s, median {statistics.median(to_all):.3f} s, "

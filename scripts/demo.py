@@ -8,7 +8,9 @@
 4. trigger the next logical date (today): a challenger is trained, gated, indexed, deployed
    as a canary and ramped in timed bake steps judged on Prometheus, then promoted or rolled
    back; every route change and every step's analysis is printed with its numbers;
-5. print what happened, what the users saw, and where to look.
+5. print what happened, the rollout's decision beside the truth (the true CTR ratio over the
+   whole panel, which the simulator knows: dayloop.simulation.truth) and whether they agree,
+   what the users saw, and where to look.
 
 Run through `make demo` (which sets up and starts the stack and the data plane first).
 """
@@ -139,7 +141,38 @@ def xcom(api: AirflowApi, run: dict, task_id: str, key: str = "return_value"):
     return value
 
 
-def print_rollout(api: AirflowApi, run: dict) -> None:
+def rollout_outcome(steps: list[dict], promoted: dict | None, rolled: dict | None) -> str:
+    """The outcome the report task gives the rollout (promoted, aborted, rolled_back, failed)."""
+    if promoted and promoted.get("promoted"):
+        return "promoted"
+    if any(s.get("decision") == "aborted" for s in steps):
+        return "aborted"
+    if rolled and rolled.get("rolled_back"):
+        return "rolled_back"
+    return "failed"
+
+
+def print_truth(settings, ctx: dict, steps: list[dict], outcome: str) -> None:
+    """The true CTR ratio over the whole panel beside the decision; plain words when they disagree."""
+    from dayloop.rollout.report import failed_checks
+    from dayloop.simulation.truth import judge_rollout
+
+    try:
+        verdict = judge_rollout(settings, ctx["version"], ctx["champion"], ctx["plan"]["thresholds"]["ctr_margin"],
+                                outcome, failed_checks(steps))
+    except Exception as exc:  # noqa: BLE001 - the truth is extra: the demo still reports the rest
+        print(f"  truth: not computed ({type(exc).__name__}: {exc})")
+        return
+    if verdict is None:  # no simulated users, no truth
+        return
+    print(f"  truth: {verdict.sentence}")
+    if verdict.agrees is False:
+        right = "promoted" if verdict.expected == "promoted" else "rolled back"
+        print(f"  THE DECISION WAS WRONG: over every simulated user v{verdict.canary} earns {verdict.ratio:.3f}x "
+              f"v{verdict.control}'s clicks per list, so it should have been {right}.")
+
+
+def print_rollout(api: AirflowApi, run: dict, settings) -> None:
     steps = xcom(api, run, "rollout.bake_and_ramp", "steps") or []
     ctx = xcom(api, run, "rollout.deploy_canary") or {}
     if ctx.get("mode") == "canary":
@@ -161,6 +194,8 @@ def print_rollout(api: AirflowApi, run: dict) -> None:
         print(f"  ROLLED BACK to v{rolled.get('champion')}: {rolled.get('reason')}")
     elif report:
         print(f"  outcome: {report.get('outcome')}" + (f", report {report['report']['html']}" if report.get("report") else ""))
+    if ctx.get("mode") == "canary" and steps:
+        print_truth(settings, ctx, steps, rollout_outcome(steps, xcom(api, run, "rollout.promote_canary"), rolled))
 
 
 def print_users(stats_path: Path | None) -> None:
@@ -229,7 +264,7 @@ def main() -> int:
         print(f"run {run['dag_run_id']} (logical date {day}): {run['state'].upper()}"
               + (f"  failed tasks: {', '.join(failed)}" if failed else ""))
     print()
-    print_rollout(api, results[1][1])
+    print_rollout(api, results[1][1], settings)
     print()
     print(render(settings))
     print()

@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 N_BUCKETS = 10_000
+# Bucket groups: G contiguous ranges of N_BUCKETS / G buckets each under the table's salt. The
+# router counts impressions and clicks per group, so the canary analysis can take its variance
+# over the unit users are randomised by (groups of users), not over impressions; a canary step
+# of a whole percent owns whole groups. 100 keeps the series bounded (versions x 100).
+N_GROUPS = 100
+BUCKETS_PER_GROUP = N_BUCKETS // N_GROUPS
 MAX_VERSION = 10**9
 MAX_SALT_LENGTH = 64
 
@@ -31,6 +37,11 @@ def bucket(user_id: int, salt: str) -> int:
     """The user's bucket in [0, N_BUCKETS) under ``salt``."""
     digest = hashlib.blake2b(f"{salt}:{int(user_id)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % N_BUCKETS
+
+
+def group_of_bucket(b: int) -> int:
+    """The bucket group (0..N_GROUPS-1) of bucket ``b``: groups are contiguous bucket ranges."""
+    return b // BUCKETS_PER_GROUP
 
 
 def _version(value: Any, what: str) -> int:
@@ -124,6 +135,14 @@ class RouteTable:
         A rollout's writes are guarded by this: anyone who takes the table over (a manual
         rollback, another rollout) writes a new salt, so the rollout sees it and stops."""
         return self.salt == salt and version in self.routed_versions()
+
+    def groups_of(self, version: int) -> list[int]:
+        """The bucket groups that hold at least one bucket routed to ``version``."""
+        out: set[int] = set()
+        for r in self.routes:
+            if r.version == version:
+                out.update(range(group_of_bucket(r.start), group_of_bucket(r.end - 1) + 1))
+        return sorted(out)
 
     def shares(self) -> dict[int, float]:
         """Fraction of buckets per version."""

@@ -90,6 +90,8 @@ def train_model(ds: dt.date, settings: Settings, features_path: str, overrides: 
 
         log.warning("planted fault for %s: the serving export maps users to other users' rows", ds)
         plant_serving_skew(result.bundle_dir, seed=ds.toordinal())
+    if "champion_copy" in faults_for(ds, SERVING_FAULTS):
+        _plant_champion_copy(settings, ds, result.bundle_dir)
     summary = {
         "bundle": str(result.bundle_dir),
         "device": result.device,
@@ -100,6 +102,24 @@ def train_model(ds: dt.date, settings: Settings, features_path: str, overrides: 
     (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("trained %s on %s: %s", ds, result.device, summary["metrics"])
     return {"bundle": str(result.bundle_dir), "train_result": str(out / "train_result.json")}
+
+
+def _plant_champion_copy(settings: Settings, ds: dt.date, bundle_dir: Path) -> None:
+    """The A/A planted case: the day's bundle replaced by the champion's own, so the version
+    registered next is the champion again under a new number (an identical model online)."""
+    import shutil
+
+    from dayloop.registry import CHAMPION, Registry
+
+    reg = Registry(settings)
+    champion = reg.version_for_alias(CHAMPION)
+    if champion is None:
+        log.warning("planted champion_copy for %s: no champion yet, the trained bundle stays", ds)
+        return
+    log.warning("planted case for %s: registering a copy of champion v%s's bundle (A/A)", ds, champion)
+    source = reg.download_bundle(champion)
+    shutil.rmtree(bundle_dir)
+    shutil.copytree(source, bundle_dir)
 
 
 def register_model(ds: dt.date, settings: Settings, train_out: dict, features_out: dict,
@@ -180,11 +200,15 @@ def gate_model(ds: dt.date, settings: Settings, version: int, features_path: str
 def rebuild_index(ds: dt.date, settings: Settings, version: int, features_path: str,
                   recall_floor: float = 0.95) -> dict[str, Any]:
     """FAISS index of the version's item embeddings, checked against exact search,
-    attached to the version so model and index deploy as one unit."""
+    attached to the version so model and index deploy as one unit. Beside it, the
+    seen-items file: every user's history up to ds, which serving leaves out of their list."""
     from dayloop.features.schema import load_feature_table
     from dayloop.index.faiss_index import IndexSpec, build_and_check
+    from dayloop.index.history import collect_seen
     from dayloop.registry import TAG_INDEX_PREFIX, Registry
     from dayloop.training.bundle import ModelBundle
+    from serving.fileio import file_sha256
+    from serving.index_service.seen import SEEN_FILE, write_seen_file
 
     reg = Registry(settings)
     bundle = ModelBundle.load(reg.download_bundle(version))
@@ -197,10 +221,17 @@ def rebuild_index(ds: dt.date, settings: Settings, version: int, features_path: 
         log.warning("planted fault for %s: IVF with one probe over %d lists", ds, max(2, n // 4))
         spec = IndexSpec(kind="ivf", nlist=max(2, n // 4), nprobe=1)
     out_dir = settings.models_dir / f"v{version}" / "index_build"
+    seen = collect_seen(settings, ds, features_path)
+    # Written before the meta, which names its sha256: a reader that finds the meta can
+    # trust both files beside it.
+    seen_file = write_seen_file(out_dir / SEEN_FILE, seen.user_ids, seen.offsets, seen.items, seen.last_day)
+    seen_meta = seen.meta(file_sha256(seen_file))
     try:
         result = build_and_check(bundle.item_embeddings, bundle.item_ids, out_dir,
-                                 recall_floor=recall_floor, k=INDEX_K, query_vectors=queries, spec=spec)
+                                 recall_floor=recall_floor, k=INDEX_K, query_vectors=queries, spec=spec,
+                                 meta_extra={"seen_items": seen_meta})
     except IndexGateFailed as exc:
+        seen_file.unlink(missing_ok=True)  # a failed gate publishes nothing
         reg.set_tags(version, {f"{TAG_INDEX_PREFIX}status": "failed",
                                f"{TAG_INDEX_PREFIX}reason": "; ".join(exc.reasons)})
         raise
@@ -214,11 +245,15 @@ def rebuild_index(ds: dt.date, settings: Settings, version: int, features_path: 
         f"{TAG_INDEX_PREFIX}recall_at_{INDEX_K}": f"{result.recall:.4f}",
         f"{TAG_INDEX_PREFIX}n_items": str(result.n_items),
         f"{TAG_INDEX_PREFIX}dim": str(result.dim),
+        f"{TAG_INDEX_PREFIX}seen_last_day": seen.last_day,
     })
-    log.info("index for version %s: %s recall@%d=%.4f", version, result.spec.kind, INDEX_K, result.recall)
+    log.info("index for version %s: %s recall@%d=%.4f; seen items of %d users (%d pairs) through %s",
+             version, result.spec.kind, INDEX_K, result.recall, seen_meta["n_users"], seen_meta["n_pairs"],
+             seen.last_day)
     return {"version": version, "index_uri": uri, "kind": result.spec.kind,
             "recall": float(result.recall), "fingerprint": result.fingerprint,
-            "build_seconds": float(info.get("build_seconds", 0.0))}
+            "build_seconds": float(info.get("build_seconds", 0.0)), "seen_last_day": seen.last_day,
+            "seen_pairs": seen_meta["n_pairs"]}
 
 
 def publish_candidate(ds: dt.date, settings: Settings, version: int) -> dict[str, Any]:

@@ -17,14 +17,19 @@ from dayloop.config import ConfigError, parse_day
 
 # Faults that corrupt the landed partition (applied at the source, so the
 # landing step lands exactly what a broken upstream would deliver).
-DATA_FAULTS = ("drop_column", "null_spike", "out_of_day_timestamps", "volume_drop", "distribution_drift")
+DATA_FAULTS = ("drop_column", "null_spike", "out_of_day_timestamps", "volume_drop", "distribution_drift",
+               # how deliveries go wrong (dayloop.quality.delivery_checks)
+               "redeliver_slice", "partial_delivery", "user_flood", "user_burst", "timestamp_cluster",
+               "clock_skew")
 # Faults that corrupt a later stage.
 MODEL_FAULTS = ("shuffle_item_ids",)
 INDEX_FAULTS = ("broken_index",)
 # Training-serving skew: the exported serving tower maps each user id to another user's
 # row (embedding, features, history). The model itself is fine, so the offline gate (which
 # evaluates the model, not the serving export) passes it; only users online can tell.
-SERVING_FAULTS = ("serving_skew",)
+SERVING_FAULTS = ("serving_skew", "champion_copy")
+# champion_copy is a planted case, not a fault: the day's bundle is the champion's own
+# (an A/A canary: the online test must promote it).
 ALL_FAULTS = DATA_FAULTS + MODEL_FAULTS + INDEX_FAULTS + SERVING_FAULTS
 
 
@@ -66,6 +71,12 @@ class PlantedWorld:
             "out_of_day_timestamps": faults.out_of_day_timestamps,
             "volume_drop": faults.volume_drop,
             "distribution_drift": faults.distribution_drift,
+            "redeliver_slice": lambda d: faults.redeliver_slice(d, day=ds),
+            "partial_delivery": lambda d: faults.partial_delivery(d, day=ds),
+            "user_flood": lambda d: faults.user_flood(d, day=ds),
+            "user_burst": lambda d: faults.user_burst(d, day=ds),
+            "timestamp_cluster": lambda d: faults.timestamp_cluster(d, day=ds),
+            "clock_skew": lambda d: faults.clock_skew(d, day=ds),
         }
         for fault in sorted(self._plan.get(ds, set()) & set(DATA_FAULTS)):
             df = funcs[fault](df)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.index_service.errors import ServiceError
 from serving.index_service.loading import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_INDEX_BYTES
-from serving.index_service.protocol import parse_load_request, parse_version
+from serving.index_service.protocol import parse_load_request, parse_seen_update_request, parse_version
 from serving.index_service.service import DEFAULT_MAX_BODY_BYTES, IndexService
 
 log = logging.getLogger("serving.index_service")
@@ -98,6 +98,19 @@ def _add_routes(app: FastAPI, service: IndexService) -> None:
         except ServiceError as exc:
             service.metrics.loads.labels(outcome=f"refused_{exc.status}").inc()
             log.warning("refused to load version %d: %s", v, exc.detail)
+            raise
+        return JSONResponse(result)
+
+    @app.put("/admin/indexes/{version}/seen")
+    async def update_seen(version: str, request: Request) -> JSONResponse:
+        service.require_admin(request)
+        v = parse_version(version)
+        req = parse_seen_update_request(await service.read_body(request))
+        try:
+            result = await service.update_seen(v, req)
+        except ServiceError as exc:
+            service.metrics.seen_updates.labels(outcome=f"refused_{exc.status}").inc()
+            log.warning("refused to replace the seen items of version %d: %s", v, exc.detail)
             raise
         return JSONResponse(result)
 

@@ -32,20 +32,25 @@ class IndexServiceError(Exception):
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Neighbours per query row; rows are shorter than k when the index holds fewer items."""
+    """Neighbours per query row; rows are shorter than k when the index holds fewer items.
+
+    ``seen_last_day``: with ``user_ids``, the last day of the history whose items were
+    dropped, or None when the index has no seen-items file (rows unfiltered)."""
 
     version: int
     ids: list[list[int]]
     scores: list[list[float]]
+    seen_last_day: str | None = None
 
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Neighbours of one query vector."""
+    """Neighbours of one query vector (``seen_last_day`` as in ``SearchResult``)."""
 
     version: int
     ids: list[int]
     scores: list[float]
+    seen_last_day: str | None = None
 
 
 def _as_rows(vectors: Any) -> list[list[float]]:
@@ -90,16 +95,33 @@ def _unreachable(base_url: str, exc: httpx.HTTPError) -> IndexServiceError:
     return IndexServiceError(None, f"cannot reach {base_url}: {type(exc).__name__}: {exc}")
 
 
-def _search_body(version: int, rows: list[list[float]], k: int) -> bytes:
+def _user_ids(user_ids: Sequence[int] | np.ndarray | None, n_rows: int) -> list[int] | None:
+    """``user_ids`` as JSON-ready ints, one per query row; ValueError if unusable."""
+    if user_ids is None:
+        return None
+    out = []
+    for u in user_ids:
+        if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 0:
+            raise ValueError(f"user ids must be non-negative ints, got {u!r}")
+        out.append(int(u))
+    if len(out) != n_rows:
+        raise ValueError(f"{len(out)} user ids for {n_rows} query vectors: give one per vector")
+    return out
+
+
+def _search_body(version: int, rows: list[list[float]], k: int, user_ids: list[int] | None = None) -> bytes:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return json.dumps({"version": version, "vectors": rows, "k": int(k)}, separators=(",", ":")).encode()
+    body: dict[str, Any] = {"version": version, "vectors": rows, "k": int(k)}
+    if user_ids is not None:
+        body["user_ids"] = user_ids
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _search_result(data: Any, version: int) -> SearchResult:
     try:
-        return SearchResult(int(data["version"]), data["ids"], data["scores"])
-    except (KeyError, TypeError, ValueError):
+        return SearchResult(int(data["version"]), data["ids"], data["scores"], data.get("seen_last_day"))
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise IndexServiceError(200, f"unexpected search answer for version {version}: {str(data)[:200]}") from None
 
 
@@ -178,11 +200,37 @@ class IndexServiceClient:
         """Unload ``version`` (IndexServiceError 404 when it is not loaded)."""
         return self._request("DELETE", f"/admin/indexes/{_version(version)}", headers=self._admin_headers())
 
-    def search(self, version: int, vectors: Any, k: int) -> SearchResult:
-        """Top-k item ids and scores for each query vector (one vector or a batch)."""
+    def update_seen(
+        self,
+        version: int,
+        source: str,
+        fingerprint: str,
+        *,
+        allow_older: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Make the loaded ``version`` exclude the seen-items file ``source`` names (the file
+        or its index directory; sha256 ``fingerprint``); ``{"status": "updated" | "unchanged",
+        "index"}``. IndexServiceError 404 not loaded, 409 another file or an older history
+        (unless ``allow_older``), 422 not a seen-items file; the old table stays then."""
+        body = {"source": str(source), "fingerprint": fingerprint, "allow_older": bool(allow_older)}
+        return self._request(
+            "PUT",
+            f"/admin/indexes/{_version(version)}/seen",
+            json=body,
+            headers=self._admin_headers(),
+            timeout=timeout if timeout is not None else self._load_timeout,
+        )
+
+    def search(
+        self, version: int, vectors: Any, k: int, user_ids: Sequence[int] | np.ndarray | None = None
+    ) -> SearchResult:
+        """Top-k item ids and scores for each query vector (one vector or a batch); with
+        ``user_ids`` (one per vector) each row leaves out the items its user had seen."""
         v = _version(version)
-        data = self._request("POST", "/search", content=_search_body(v, _as_rows(vectors), k), headers=_JSON)
-        return _search_result(data, v)
+        rows = _as_rows(vectors)
+        body = _search_body(v, rows, k, _user_ids(user_ids, len(rows)))
+        return _search_result(self._request("POST", "/search", content=body, headers=_JSON), v)
 
     def metrics_text(self) -> str:
         """The raw ``/metrics`` exposition."""
@@ -231,25 +279,33 @@ class AsyncIndexServiceClient:
         """Info of every loaded index."""
         return (await self._request("GET", "/indexes"))["indexes"]
 
-    async def search(self, version: int, vector: Any, k: int, timeout: float | None = None) -> Neighbours:
-        """Top-k neighbours of ONE vector (the router's per-request call)."""
+    async def search(
+        self, version: int, vector: Any, k: int, timeout: float | None = None, user_id: int | None = None
+    ) -> Neighbours:
+        """Top-k neighbours of ONE vector (the router's per-request call); with ``user_id``
+        without the items that user had seen."""
         v = _version(version)
         rows = _as_rows(vector)
         if len(rows) != 1:
             raise ValueError(f"search takes one vector, got {len(rows)}; use search_batch")
-        data = await self._request("POST", "/search", timeout, content=_search_body(v, rows, k), headers=_JSON)
+        body = _search_body(v, rows, k, _user_ids(None if user_id is None else [user_id], 1))
+        data = await self._request("POST", "/search", timeout, content=body, headers=_JSON)
         result = _search_result(data, v)
-        return Neighbours(result.version, result.ids[0], result.scores[0])
+        return Neighbours(result.version, result.ids[0], result.scores[0], result.seen_last_day)
 
     async def search_batch(
-        self, version: int, vectors: Sequence[Sequence[float]] | np.ndarray, k: int, timeout: float | None = None
+        self,
+        version: int,
+        vectors: Sequence[Sequence[float]] | np.ndarray,
+        k: int,
+        timeout: float | None = None,
+        user_ids: Sequence[int] | np.ndarray | None = None,
     ) -> SearchResult:
-        """Top-k neighbours of several vectors in one request."""
+        """Top-k neighbours of several vectors in one request (``user_ids`` as in ``search``)."""
         v = _version(version)
-        data = await self._request(
-            "POST", "/search", timeout, content=_search_body(v, _as_rows(vectors), k), headers=_JSON
-        )
-        return _search_result(data, v)
+        rows = _as_rows(vectors)
+        body = _search_body(v, rows, k, _user_ids(user_ids, len(rows)))
+        return _search_result(await self._request("POST", "/search", timeout, content=body, headers=_JSON), v)
 
 
 __all__ = [

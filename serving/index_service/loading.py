@@ -1,5 +1,7 @@
 """Loading one index directory: fetch, verify against its meta, deserialise, apply the
-meta's search knobs, and move it to the GPU where that helps.
+meta's search knobs, and move it to the GPU where that helps. The seen-items file the
+meta names is fetched and verified (sha256) the same way; a meta that names none loads
+without it, exclusion then reported unavailable.
 
 Everything here blocks; the service runs ``load_index_dir`` in a worker thread and puts the
 finished ``LoadedIndex`` into its version table in one step on the event loop.
@@ -21,6 +23,7 @@ import numpy as np
 from serving.index_service.errors import ServiceError
 from serving.index_service.faiss_params import index_kind, search_params, set_search_params
 from serving.index_service.meta import INDEX_FILENAME, MAX_META_BYTES, META_FILENAME, IndexMeta, parse_meta
+from serving.index_service.seen import SEEN_FILE, SeenFormatError, SeenItems, parse_seen
 from serving.index_service.sources import Source, read_http, read_local
 
 log = logging.getLogger("serving.index_service")
@@ -88,6 +91,22 @@ class LoadedIndex:
     loaded_at: str
     load_seconds: float
     cost_per_query: float
+    seen: SeenItems | None = None  # None: no seen-items file, results are not filtered
+    seen_fingerprint: str | None = None
+    seen_source: str | None = None  # where the table was read: beside the index, or a later swap
+
+    def seen_info(self) -> dict[str, Any]:
+        """Whether seen items are excluded, and how fresh the history is (``last_day``)."""
+        if self.seen is None:
+            return {"available": False, "reason": f"the index directory has no {SEEN_FILE} in its meta"}
+        return {
+            "available": True,
+            "last_day": self.seen.last_day,
+            "users": self.seen.n_users,
+            "pairs": self.seen.n_pairs,
+            "fingerprint": self.seen_fingerprint,
+            "source": self.seen_source,
+        }
 
     def info(self) -> dict[str, Any]:
         """JSON form for ``/indexes``."""
@@ -102,6 +121,7 @@ class LoadedIndex:
             "device": self.device,
             "search_params": dict(self.params),
             "load_seconds": round(self.load_seconds, 4),
+            "seen_items": self.seen_info(),
         }
 
 
@@ -127,8 +147,10 @@ def load_index_dir(
     fetched = _fetch(source, expected_dim, fingerprint, skip_fingerprint, max_index_bytes, fetch_timeout)
     if fetched is None:
         return None
-    meta, data = fetched
+    meta, data, seen_data = fetched
     del fetched  # the tuple would keep the file's bytes alive next to the index
+    seen = _parse_seen(source, meta, seen_data)  # before the index: a bad file costs no deserialise
+    del seen_data
     index = _deserialise(source, meta, data)
     del data
     kind = _check_index(source, meta, index, expected_dim)
@@ -148,6 +170,9 @@ def load_index_dir(
         loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         load_seconds=time.perf_counter() - started,
         cost_per_query=query_cost(kind, dim, ntotal, params),
+        seen=seen,
+        seen_fingerprint=meta.seen.fingerprint if meta.seen is not None else None,
+        seen_source=source.display_file(SEEN_FILE) if seen is not None else None,
     )
 
 
@@ -158,8 +183,9 @@ def _fetch(
     skip_fingerprint: str | None,
     max_index_bytes: int,
     fetch_timeout: float,
-) -> tuple[IndexMeta, bytes | bytearray] | None:
-    """The checked meta and the index file's bytes; None when the meta says ``skip_fingerprint``."""
+) -> tuple[IndexMeta, bytes | bytearray, bytes | bytearray | None] | None:
+    """The checked meta, the index file's bytes and the seen-items file's (None when the meta
+    names none); None when the meta says ``skip_fingerprint``."""
     client = httpx.Client(timeout=fetch_timeout, follow_redirects=True) if source.kind == "http" else None
 
     def read(name: str, limit: int) -> bytes | bytearray:
@@ -181,10 +207,34 @@ def _fetch(
             )
         if skip_fingerprint is not None and meta.fingerprint == skip_fingerprint:
             return None
-        return meta, read(INDEX_FILENAME, max_index_bytes)
+        seen_data = read(SEEN_FILE, max_index_bytes) if meta.seen is not None else None
+        return meta, read(INDEX_FILENAME, max_index_bytes), seen_data
     finally:
         if client is not None:
             client.close()
+
+
+def _parse_seen(source: Source, meta: IndexMeta, data: bytes | bytearray | None) -> SeenItems | None:
+    """The seen-items table, once its sha256 matches the meta's (None when the meta names none)."""
+    if meta.seen is None or data is None:
+        return None
+    where = source.display_file(SEEN_FILE)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != meta.seen.fingerprint:
+        raise ServiceError(
+            409,
+            f"{where} has sha256 {actual} but {META_FILENAME} says {meta.seen.fingerprint}: "
+            "a partial copy or files from different builds",
+        )
+    try:
+        seen = parse_seen(data, where)
+    except SeenFormatError as exc:
+        raise ServiceError(422, str(exc)) from None
+    if seen.last_day != meta.seen.last_day:
+        raise ServiceError(
+            422, f"{where} says its history ends {seen.last_day} but {META_FILENAME} says {meta.seen.last_day}"
+        )
+    return seen
 
 
 def _deserialise(source: Source, meta: IndexMeta, data: bytes | bytearray) -> Any:

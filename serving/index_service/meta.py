@@ -1,5 +1,9 @@
 """``index_meta.json``, as the index stage writes it beside ``index.faiss``: the parts the
-service relies on, checked before the index file is fetched."""
+service relies on, checked before the index file is fetched.
+
+An optional ``seen_items`` object names the seen-items file beside the index
+(:mod:`serving.index_service.seen`) with its sha256 and the last day its history
+includes; an index directory from before that file has none and still loads."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serving.index_service.errors import ServiceError
+from serving.index_service.seen import SEEN_FILE, SeenFormatError, check_last_day
 
 INDEX_FILENAME = "index.faiss"
 META_FILENAME = "index_meta.json"
@@ -26,6 +31,15 @@ class IndexMeta:
     nprobe: int | None  # None: keep what the index file carries
     ef_search: int | None
     n_items: int | None
+    seen: SeenMeta | None = None  # None: the directory has no seen-items file
+
+
+@dataclass(frozen=True)
+class SeenMeta:
+    """``index_meta.json``'s ``seen_items``: the seen-items file the index was built with."""
+
+    fingerprint: str  # sha256 of the file's bytes
+    last_day: str  # ISO date: the last day the history includes
 
 
 def _meta_int(data: dict[str, Any], key: str, where: str, *, minimum: int, required: bool) -> int | None:
@@ -61,7 +75,25 @@ def parse_meta(raw: bytes) -> IndexMeta:
     nprobe = _meta_int(spec, "nprobe", "spec.", minimum=0, required=False) or None
     ef_search = _meta_int(spec, "ef_search", "spec.", minimum=0, required=False) or None
     n_items = _meta_int(data, "n_items", "", minimum=0, required=False)
-    return IndexMeta(dim, fingerprint.lower(), kind, nprobe, ef_search, n_items)
+    seen = _parse_seen_meta(data.get("seen_items"))
+    return IndexMeta(dim, fingerprint.lower(), kind, nprobe, ef_search, n_items, seen)
+
+
+def _parse_seen_meta(value: Any) -> SeenMeta | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ServiceError(422, "index_meta.json seen_items must be an object")
+    if value.get("file", SEEN_FILE) != SEEN_FILE:
+        raise ServiceError(422, f"index_meta.json seen_items.file must be {SEEN_FILE!r}, got {value.get('file')!r}")
+    fingerprint = value.get("fingerprint")
+    if not isinstance(fingerprint, str) or len(fingerprint) != 64 or not _is_hex(fingerprint):
+        raise ServiceError(422, "index_meta.json seen_items.fingerprint must be a 64-character sha256 hex string")
+    try:
+        last_day = check_last_day(value.get("last_day"))
+    except SeenFormatError as exc:
+        raise ServiceError(422, f"index_meta.json seen_items.{exc}") from None
+    return SeenMeta(fingerprint.lower(), last_day)
 
 
 def _is_hex(text: str) -> bool:

@@ -36,6 +36,25 @@ class IndexMetrics:
             buckets=SEARCH_BUCKETS,
             registry=self.registry,
         )
+        self.exclusions = Counter(
+            "dayloop_index_search_exclusion_total",
+            "Query vectors that named their user: seen items dropped (applied) or no seen-items file (unavailable)",
+            ["version", "outcome"],
+            registry=self.registry,
+        )
+        self.seen_updates = Counter(
+            "dayloop_index_seen_updates_total",
+            "Seen-items swaps of a loaded version by outcome (updated, unchanged, refused_<status>)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        # Both arms of a canary should show the same value here: the same history excluded.
+        self.seen_last_day = Gauge(
+            "dayloop_index_seen_last_day_timestamp_seconds",
+            "Midnight UTC of the last day the version's seen-items history includes (0: none)",
+            ["version"],
+            registry=self.registry,
+        )
         self.loaded = Gauge("dayloop_index_loaded", "1 while the version's index is loaded", ["version"],
                             registry=self.registry)
         self.ntotal = Gauge("dayloop_index_vectors", "Vectors in the loaded index", ["version"],

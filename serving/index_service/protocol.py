@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.index_service.errors import ServiceError
 
@@ -14,6 +14,7 @@ MAX_VERSION = 10**9
 MAX_K = 1000
 MAX_VECTORS = 256
 MAX_DIM = 65_536
+MAX_USER_ID = 2**63 - 1
 
 Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_DIM)]
 
@@ -28,6 +29,17 @@ class SearchRequest(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION)
     vectors: list[Vector] = Field(min_length=1, max_length=MAX_VECTORS)
     k: int = Field(ge=1, le=MAX_K)
+    # Optional, one per vector: the users whose seen items are dropped from their row.
+    user_ids: list[Annotated[int, Field(ge=0, le=MAX_USER_ID)]] | None = Field(default=None, max_length=MAX_VECTORS)
+
+    @model_validator(mode="after")
+    def _user_ids_align(self) -> SearchRequest:
+        if self.user_ids is not None and len(self.user_ids) != len(self.vectors):
+            raise ValueError(
+                f"user_ids has {len(self.user_ids)} entries but vectors has {len(self.vectors)}; "
+                "give one user id per vector"
+            )
+        return self
 
 
 class LoadRequest(BaseModel):
@@ -39,6 +51,18 @@ class LoadRequest(BaseModel):
     source: str = Field(min_length=1, max_length=4096)
     expected_dim: int = Field(ge=1, le=MAX_DIM)
     fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class SeenUpdateRequest(BaseModel):
+    """Body of ``PUT /admin/indexes/{version}/seen``: the seen-items file to use from now on."""
+
+    # As strict as a load: the fingerprint is required (an unverified history is never
+    # swapped in) and a misspelt "allow_older" must not silently mean False.
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    source: str = Field(min_length=1, max_length=4096)  # the file, or the directory holding it
+    fingerprint: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    allow_older: bool = False
 
 
 def describe_validation_error(err: ValidationError, limit: int = 5) -> str:
@@ -67,6 +91,14 @@ def parse_load_request(body: bytes) -> LoadRequest:
         return LoadRequest.model_validate_json(body)
     except ValidationError as exc:
         raise ServiceError(422, f"invalid load request: {describe_validation_error(exc)}") from None
+
+
+def parse_seen_update_request(body: bytes) -> SeenUpdateRequest:
+    """Validate a seen-update body; 422 with the offending fields when it is wrong."""
+    try:
+        return SeenUpdateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise ServiceError(422, f"invalid seen update request: {describe_validation_error(exc)}") from None
 
 
 def parse_version(raw: str) -> int:

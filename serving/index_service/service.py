@@ -15,11 +15,23 @@ Design points:
   from bytes, searches on the event loop when the work is small (a thread hop costs more
   than a one-vector search over a flat index of a few ten thousand items) and in a thread
   when it is large, and writes the JSON itself.
+* A search may name the user of each vector (``user_ids``): the service then fetches
+  ``k`` plus that user's seen-item count and drops the items the user had seen by the
+  index's build (its seen-items file, :mod:`serving.index_service.seen`), so each row
+  still holds ``k`` items. An index loaded without that file answers unfiltered, and
+  says so: the answer's ``seen_last_day`` is null.
+* A loaded version's seen-items table can be replaced (``update_seen``: the canary's
+  fresher history for the champion, :mod:`serving.index_service.seen_swap`). The new table
+  is read and verified in a thread, then a new ``LoadedIndex`` sharing the FAISS index is
+  put into the table in one step: a search already holding the old entry finishes with the
+  old history, every later one uses the new, none sees a mix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 import logging
 import time
@@ -37,6 +49,7 @@ from serving.http_guards import (
     read_limited_body,
 )
 from serving.index_service.errors import ServiceError
+from serving.index_service.exclusion import drop_seen, fetch_k
 from serving.index_service.loading import (
     DEFAULT_FETCH_TIMEOUT,
     DEFAULT_MAX_INDEX_BYTES,
@@ -45,7 +58,14 @@ from serving.index_service.loading import (
     search_in_thread,
 )
 from serving.index_service.metrics import IndexMetrics
-from serving.index_service.protocol import LoadRequest, format_results, parse_search_request, vectors_to_array
+from serving.index_service.protocol import (
+    LoadRequest,
+    SeenUpdateRequest,
+    format_results,
+    parse_search_request,
+    vectors_to_array,
+)
+from serving.index_service.seen_swap import check_not_older, fetch_seen
 from serving.index_service.sources import parse_source
 
 log = logging.getLogger("serving.index_service")
@@ -138,6 +158,7 @@ class IndexService:
         label = str(version)
         self.metrics.loaded.labels(version=label).set(1)
         self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
+        self._set_seen_gauge(loaded)
         self.metrics.loads.labels(outcome="loaded").inc()
         log.info(
             "loaded version %d: %s index, %d x %d, %s, fingerprint %s, from %s in %.2fs",
@@ -167,8 +188,50 @@ class IndexService:
             raise ServiceError(404, f"index version {version} is not loaded")
         self.metrics.loaded.labels(version=str(version)).set(0)
         self.metrics.ntotal.labels(version=str(version)).set(0)
+        self.metrics.seen_last_day.labels(version=str(version)).set(0)
         log.info("unloaded version %d (fingerprint %s)", version, entry.fingerprint[:12])
         return {"status": "unloaded", "index": entry.info()}
+
+    def _loaded(self, version: int) -> LoadedIndex:
+        entry = self.indexes.get(version)
+        if entry is None:
+            raise ServiceError(404, f"index version {version} is not loaded")
+        return entry
+
+    def _set_seen_gauge(self, entry: LoadedIndex) -> None:
+        day = dt.date.fromisoformat(entry.seen.last_day) if entry.seen is not None else None
+        stamp = (day - dt.date(1970, 1, 1)).days * 86_400 if day is not None else 0
+        self.metrics.seen_last_day.labels(version=str(entry.version)).set(stamp)
+
+    async def update_seen(self, version: int, req: SeenUpdateRequest) -> dict[str, Any]:
+        """Replace ``version``'s seen-items table with the verified file ``req.source`` names
+        (no-op when that file is the one in use); the old table stays on any refusal."""
+        wanted = req.fingerprint.lower()
+        current = self._loaded(version)
+        if current.seen_fingerprint == wanted:  # answered without touching the source
+            self.metrics.seen_updates.labels(outcome="unchanged").inc()
+            return {"status": "unchanged", "index": current.info()}
+        async with self._load_slots:
+            seen, where = await asyncio.to_thread(
+                fetch_seen, req.source, wanted, self.max_index_bytes, self.fetch_timeout
+            )
+        # The table may have changed while the thread ran (an unload, another swap): decide
+        # on what is there now, with no await between the check and the assignment.
+        now = self._loaded(version)
+        if now.seen_fingerprint == wanted:
+            self.metrics.seen_updates.labels(outcome="unchanged").inc()
+            return {"status": "unchanged", "index": now.info()}
+        check_not_older(now, seen, where, req.allow_older)
+        updated = dataclasses.replace(now, seen=seen, seen_fingerprint=wanted, seen_source=where)
+        self.indexes[version] = updated
+        self._set_seen_gauge(updated)
+        self.metrics.seen_updates.labels(outcome="updated").inc()
+        log.info(
+            "version %d now excludes history through %s (%d users, %d pairs, sha256 %s, from %s; was %s)",
+            version, seen.last_day, seen.n_users, seen.n_pairs, wanted[:12], where,
+            now.seen.last_day if now.seen is not None else "no seen items",
+        )
+        return {"status": "updated", "previous": now.seen_info(), "index": updated.info()}
 
     async def search(self, request: Request) -> Response:
         """``POST /search``: parse, search, encode; every refusal is counted."""
@@ -194,12 +257,10 @@ class IndexService:
         except ServiceError:
             m.errors.labels(version=label, reason="invalid_vectors").inc()
             raise
+        excluding = req.user_ids is not None and entry.seen is not None
+        k = fetch_k(entry.seen, req.user_ids, req.k, entry.ntotal) if excluding else req.k
         try:
-            if entry.device == "cpu" and len(x) * entry.cost_per_query > OFFLOAD_MULTIPLY_ADDS:
-                scores, ids = await asyncio.to_thread(search_in_thread, entry.index, x, req.k, self.threads)
-            else:
-                # GPU indexes are searched here only: one stream, no concurrent callers.
-                scores, ids = entry.index.search(x, req.k)
+            scores, ids = await self._search(entry, x, k)
         except Exception as exc:
             m.errors.labels(version=label, reason="search_failed").inc()
             log.exception("search on version %d failed", req.version)
@@ -207,9 +268,22 @@ class IndexService:
         if not np.isfinite(scores[ids >= 0]).all():
             m.errors.labels(version=label, reason="nonfinite_scores").inc()
             raise ServiceError(422, "search produced non-finite scores: query values are too large")
-        out_ids, out_scores = format_results(ids, scores)
-        payload = json.dumps({"version": req.version, "ids": out_ids, "scores": out_scores}, separators=(",", ":"))
+        answer: dict[str, Any] = {"version": req.version}
+        if excluding:
+            answer["ids"], answer["scores"] = drop_seen(ids, scores, entry.seen, req.user_ids, req.k)
+        else:
+            answer["ids"], answer["scores"] = format_results(ids, scores)
+        if req.user_ids is not None:
+            answer["seen_last_day"] = entry.seen.last_day if entry.seen is not None else None
+            m.exclusions.labels(version=label, outcome="applied" if excluding else "unavailable").inc(len(x))
+        payload = json.dumps(answer, separators=(",", ":"))
         m.searches.labels(version=label).inc()
         m.search_vectors.labels(version=label).inc(len(x))
         m.seconds.labels(version=label).observe(time.perf_counter() - started)
         return Response(payload, media_type="application/json")
+
+    async def _search(self, entry: LoadedIndex, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if entry.device == "cpu" and len(x) * entry.cost_per_query > OFFLOAD_MULTIPLY_ADDS:
+            return await asyncio.to_thread(search_in_thread, entry.index, x, k, self.threads)
+        # GPU indexes are searched here only: one stream, no concurrent callers.
+        return entry.index.search(x, k)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.http_guards import BAD_TOKEN_DETAIL, BEARER_CHALLENGE, BodyLimit, bearer_matches
 from serving.route_store import RouteStore, StaleRevision
 from serving.router.metrics import RouterMetrics
-from serving.routing import RouteTable, RouteTableError
+from serving.routing import N_GROUPS, RouteTable, RouteTableError, bucket, group_of_bucket
 from serving.triton.model_config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
 
 log = logging.getLogger("dayloop.router")
@@ -170,6 +170,11 @@ class Router:
             # reads as 0 in Prometheus instead of a missing series (which means "unknown")
             for counter in (m.requests, m.nonfinite, m.impressions, m.clicks, m.fallbacks):
                 counter.labels(str(v))
+            # the groups a version serves (the stable one may answer any group as fallback)
+            groups = range(N_GROUPS) if v == table.stable else table.groups_of(v)
+            for g in groups:
+                m.group_impressions.labels(str(v), str(g))
+                m.group_clicks.labels(str(v), str(g))
         log.info("%s applied route revision %d: %s", self.s.replica, revision, table.as_dict())
 
     async def _poll_routes(self) -> None:
@@ -191,8 +196,10 @@ class Router:
                                           client_timeout=timeout)
         return result.as_numpy(OUTPUT_NAME)[0]
 
-    async def _search(self, version: int, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
-        resp = await self._http.post("/search", json={"version": version, "vectors": [vector.tolist()], "k": k})
+    async def _search(self, version: int, vector: np.ndarray, k: int, user_id: int) -> tuple[list[int], list[float]]:
+        # user_ids: the index service drops what the user had seen by the index's build.
+        resp = await self._http.post("/search", json={"version": version, "vectors": [vector.tolist()], "k": k,
+                                                      "user_ids": [user_id]})
         if resp.status_code != 200:
             raise AttemptFailed("index_error", f"index service answered {resp.status_code}: {resp.text[:200]}")
         body = resp.json()
@@ -216,7 +223,7 @@ class Router:
         if not np.isfinite(vector).all():
             raise AttemptFailed("nonfinite", "embedding holds NaN/Inf")
         try:
-            ids, scores = await self._search(version, vector, k)
+            ids, scores = await self._search(version, vector, k, user_id)
         except AttemptFailed:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -255,7 +262,9 @@ class Router:
         if state is None:
             raise HTTPException(503, "no route table has been written yet")
         table = state.table
-        version = table.version_for(user_id)
+        user_bucket = bucket(user_id, table.salt)
+        version = table.version_for_bucket(user_bucket)
+        group = group_of_bucket(user_bucket)
         t0 = time.perf_counter()
         timeout = self.s.stable_timeout_s if version == table.stable else self.s.canary_timeout_s
         try:
@@ -277,10 +286,11 @@ class Router:
             served = table.stable
         label = str(served)
         self.metrics.impressions.labels(label).inc()
+        self.metrics.group_impressions.labels(label, str(group)).inc()
         if scores:
             self.metrics.score.labels(label).observe(scores[0])
         self.metrics.e2e.observe(time.perf_counter() - t0)
-        impression = self._new_impression(served, state.revision, ids)
+        impression = self._new_impression(served, state.revision, group, ids)
         return {"user_id": user_id, "items": ids, "scores": scores, "version": served,
                 "impression_id": impression, "revision": state.revision}
 
@@ -289,8 +299,10 @@ class Router:
         mac = hmac.new(self._imp_key, body.encode(), hashlib.sha256).digest()[:9]
         return base64.urlsafe_b64encode(mac).decode()
 
-    def _new_impression(self, version: int, revision: int, items: list[int]) -> str:
-        body = f"{version}.{revision}.{os.urandom(9).hex()}"
+    def _new_impression(self, version: int, revision: int, group: int, items: list[int]) -> str:
+        # The group travels in the signed id, so a click is credited to the group the user was
+        # in when served, whatever table applies when the click arrives.
+        body = f"{version}.{revision}.{group}.{os.urandom(9).hex()}"
         imp = f"{body}.{self._sign(body)}"
         self._impressions[imp] = (version, frozenset(items))
         if len(self._impressions) > self.s.impression_cache:
@@ -299,12 +311,12 @@ class Router:
 
     def feedback(self, impression_id: str, item_id: int) -> dict[str, Any]:
         parts = impression_id.split(".")
-        if len(parts) != 4 or not parts[0].isdigit():
+        if len(parts) != 5 or not parts[0].isdigit() or not parts[2].isdigit():
             raise HTTPException(400, "malformed impression_id")
-        body = ".".join(parts[:3])
-        if not hmac.compare_digest(self._sign(body), parts[3]):
+        body = ".".join(parts[:4])
+        if not hmac.compare_digest(self._sign(body), parts[4]):
             raise HTTPException(400, "impression_id was not issued by this service")
-        version = int(parts[0])
+        version, group = int(parts[0]), int(parts[2])
         local = self._impressions.get(impression_id)
         if local is not None and item_id not in local[1]:
             raise HTTPException(400, f"item {item_id} was not in impression {impression_id}")
@@ -315,6 +327,7 @@ class Router:
         if len(self._clicked) > self.s.impression_cache:
             self._clicked.popitem(last=False)
         self.metrics.clicks.labels(str(version)).inc()
+        self.metrics.group_clicks.labels(str(version), str(group)).inc()
         return {"recorded": True, "version": version}
 
     # ------------------------------------------------------------------ admin

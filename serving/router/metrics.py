@@ -28,6 +28,12 @@ class RouterMetrics:
                                    "served them", ["version"], registry=r)
         self.clicks = Counter("dayloop_router_clicks", "Clicks, by the version whose list was clicked",
                               ["version"], registry=r)
+        # Per bucket group (routing.N_GROUPS contiguous bucket ranges under the table's salt):
+        # what the user-level CTR test reads. Labelled by the version that served the list.
+        self.group_impressions = Counter("dayloop_router_group_impressions", "Lists served, by version and "
+                                         "bucket group of the user", ["version", "group"], registry=r)
+        self.group_clicks = Counter("dayloop_router_group_clicks", "Clicks, by the version whose list was "
+                                    "clicked and the bucket group of the user", ["version", "group"], registry=r)
         self.fallbacks = Counter("dayloop_router_fallbacks", "Attempts on a version answered by the "
                                  "stable version instead", ["version"], registry=r)
         self.unanswered = Counter("dayloop_router_unanswered", "Requests no version could answer (5xx "

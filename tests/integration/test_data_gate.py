@@ -22,6 +22,7 @@ from dayloop.quality.data_gate import (
     validate_partition,
     validation_record_path,
 )
+from dayloop.quality.delivery_checks import DeliveryThresholds
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,9 @@ def test_a_clean_synthetic_day_passes_and_is_recorded(settings: Settings) -> Non
     names = {c["name"] for c in result.checks}
     assert {"expect_table_columns_to_match_set", "expect_column_values_to_not_be_null",
             "expect_column_values_to_be_of_type", "expect_column_values_to_be_between",
-            "volume", "drift_rating", "drift_genre", "drift_item_concentration"} <= names
+            "volume", "drift_rating", "drift_genre", "drift_item_concentration",
+            "expect_compound_columns_to_be_unique", "pair_duplicates", "time_gap", "hour_profile",
+            "user_concentration", "user_burst", "timestamp_cluster", "out_of_day_events"} <= names
     record = json.loads(validation_record_path(START, settings).read_text())
     assert record["passed"] is True and record["ds"] == START.isoformat()
     assert partition_file(settings.landing_dir, START).is_file()
@@ -92,6 +95,24 @@ FAULTS = {
     "naive timestamps": (lambda df: df.assign(ts=df["ts"].dt.tz_localize(None)),
                          ["expect_column_values_to_be_of_type(ts)"]),
 }
+# How deliveries go wrong (each passes the volume check: 0.75x..1.8x the trailing median).
+DELIVERY_FAULTS = {
+    "re-delivered slice": (lambda df: faults.redeliver_slice(df, 6, 2),
+                           ["expect_compound_columns_to_be_unique(user_id, item_id, ts): ",
+                            "pair_duplicates: "]),
+    "re-delivered with new times": (lambda df: faults.redeliver_slice(df, 6, 2, restamp=pd.Timedelta(hours=5)),
+                                    ["pair_duplicates: "]),
+    "hours missing": (lambda df: faults.partial_delivery(df, 9, 6),
+                      ["time_gap: no events from 0", "hour_profile: "]),
+    "hours thinned": (lambda df: faults.partial_delivery(df, 0, 12, keep_frac=0.3), ["hour_profile: "]),
+    "one account floods": (faults.user_flood, ["user_concentration: user "]),
+    "a burst from one user": (faults.user_burst, ["user_burst: user "]),
+    "stuck clock": (faults.timestamp_cluster, ["timestamp_cluster: 100 events stamped 12:00:00"]),
+    "clock ahead, edge cut off": (faults.clock_skew, ["time_gap: no events from 00:00:00 to 0"]),
+    "late events": (lambda df: faults.out_of_day_timestamps(df, 0.03, shift=pd.Timedelta(hours=-30)),
+                    ["expect_column_values_to_be_between(ts)", "out_of_day_events: 60 events (3.0%) dated before"]),
+}
+FAULTS.update(DELIVERY_FAULTS)
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
@@ -158,6 +179,10 @@ def test_thresholds_are_honoured(settings: Settings) -> None:
     assert validate_partition(START, settings).passed
     strict = DataGateThresholds(volume_min_ratio=0.8)
     assert not validate_partition(START, settings, strict).passed
+    plant(settings, lambda df: faults.user_burst(df, n_events=25))
+    assert validate_partition(START, settings).passed
+    strict = DataGateThresholds(delivery=DeliveryThresholds(burst_max_events=20))
+    assert validate_partition(START, settings, strict).reasons[0].startswith("user_burst: ")
 
 
 def test_every_real_movielens_replay_day_passes(tmp_path: Path, monkeypatch) -> None:
@@ -179,9 +204,16 @@ def test_every_real_movielens_replay_day_passes(tmp_path: Path, monkeypatch) -> 
         if not result.passed:
             failures[ds.isoformat()] = result.reasons
     assert failures == {}
-    # And a planted fault on a real day is still caught.
+    # And a planted fault on a real day is still caught, each delivery fault by its check.
     last = ML_START + dt.timedelta(days=s.replay_days - 1)
-    landing.write_partition(faults.distribution_drift(landing.read_partition(last, s)), last, s)
+    clean = landing.read_partition(last, s)
+    landing.write_partition(faults.distribution_drift(clean), last, s)
     assert not validate_partition(last, s).passed
+    for name, (fault, expected) in DELIVERY_FAULTS.items():
+        landing.write_partition(fault(clean), last, s)
+        reasons = validate_partition(last, s).reasons
+        for check in {fragment.split(":")[0].split("(")[0] for fragment in expected}:
+            assert any(r.startswith(check) for r in reasons), (name, check, reasons)
+    landing.write_partition(clean, last, s)
     pd.testing.assert_frame_equal(landing.read_partition(ML_START, s),
                                   world.interactions(ML_START))

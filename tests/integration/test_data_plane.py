@@ -375,3 +375,44 @@ def test_a_worse_model_earns_fewer_clicks_from_the_simulated_users(plane, tmp_pa
     assert sum(stats["failed"].values()) == 0
     assert pv["1"]["impressions"] >= 50 and pv["2"]["impressions"] >= 50
     assert pv["1"]["ctr"] > 3 * pv["2"]["ctr"]
+
+
+def test_served_lists_through_the_router_leave_out_what_the_user_had_seen(plane, tmp_path):
+    """v6 = v1's model with an index that carries a seen-items file (each user has seen
+    v1's top-3 for them): every list the routers serve has k items, none of them seen."""
+    import shutil
+
+    from serving.fileio import file_sha256
+    from serving.index_service.seen import SEEN_FILE, csr_from_pairs, write_seen_file
+
+    client = plane["client"]
+    b1, ix1 = plane["versions"][1]
+    ix6 = tmp_path / "i6"
+    shutil.copytree(ix1, ix6)
+    users = USERS[:40]
+    top = top_items(b1, users, 3)
+    seen_file = write_seen_file(ix6 / SEEN_FILE, *csr_from_pairs(np.repeat(users, 3), top.reshape(-1)),
+                                "2026-04-05")
+    meta = _index_meta(ix6)
+    meta["seen_items"] = {"file": SEEN_FILE, "fingerprint": file_sha256(seen_file), "last_day": "2026-04-05"}
+    (ix6 / "index_meta.json").write_text(json.dumps(meta))
+    client.load_version(6, b1 / "serving_tower.pt", str(ix6), 16, meta["fingerprint"])
+    assert client.index.get_index(6)["seen_items"]["last_day"] == "2026-04-05"
+    want = top_items(b1, users, 8)
+    try:
+        _route(plane, single_version_table(6), "seen-items check")
+        with httpx.Client() as http:
+            for i, user in enumerate(users):
+                r = http.post(plane["routers"][i % 2] + "/recommend", json={"user_id": int(user), "k": 5})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["version"] == 6
+                assert len(body["items"]) == 5 and not set(body["items"]) & set(top[i].tolist()), (user, body)
+                assert body["items"] == [x for x in want[i].tolist() if x not in set(top[i].tolist())][:5]
+            # v1 (an index without the file) still serves, unfiltered: its top-3 come back.
+            _route(plane, single_version_table(1), "back to v1")
+            r = http.post(plane["routers"][0] + "/recommend", json={"user_id": int(users[0]), "k": 5}).json()
+            assert r["version"] == 1 and r["items"][:3] == top[0].tolist()
+    finally:
+        _route(plane, single_version_table(1), "end of seen-items check")
+        client.unload_version(6)

@@ -7,6 +7,7 @@ index stage writes them; the service runs under the serving venv's python.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import re
@@ -406,6 +407,11 @@ GARBAGE_SEARCHES = {
     "version_zero": (_body(version=0), 422),
     "version_not_loaded": (_body(version=424242), 404),
     "huge_body": (b'{"version": 1, "vectors": [[' + b"0.1, " * 400_000 + b'0.1]], "k": 5}', 413),
+    "user_ids_too_few": (_body()[:-1] + b', "user_ids": []}', 422),
+    "user_ids_too_many": (_body()[:-1] + b', "user_ids": [1, 2]}', 422),
+    "user_id_negative": (_body()[:-1] + b', "user_ids": [-3]}', 422),
+    "user_id_string": (_body()[:-1] + b', "user_ids": ["3"]}', 422),
+    "user_ids_not_a_list": (_body()[:-1] + b', "user_ids": 3}', 422),
 }
 
 
@@ -599,3 +605,229 @@ def test_single_search_latency_and_async_client(service, client, dirs, cat1, cap
             f"p90 {np.percentile(times, 90) * 1e3:.3f} ms; "
             f"async client p50 {statistics.median(async_times) * 1e3:.3f} ms"
         )
+
+
+# ------------------------------------------------------------ seen-items exclusion
+
+
+def add_seen_file(index_dir: Path, users: list[int], seen: list[list[int]], last_day: str) -> None:
+    """Put a seen-items file beside an index and name it in the meta, as the index stage does."""
+    from serving.index_service.seen import SEEN_FILE, csr_from_pairs, write_seen_file
+
+    pairs_u = [u for u, items in zip(users, seen) for _ in items]
+    pairs_i = [i for items in seen for i in items]
+    path = write_seen_file(index_dir / SEEN_FILE, *csr_from_pairs(pairs_u, pairs_i), last_day)
+    meta = json.loads((index_dir / "index_meta.json").read_text())
+    meta["seen_items"] = {"file": SEEN_FILE, "fingerprint": sha256(path), "last_day": last_day}
+    (index_dir / "index_meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def seen_index(workdir: Path, cat1: Catalogue) -> dict:
+    """cat1's index with a history: user u (of 40) has seen a random half of their exact top-30
+    plus items they would never get (so k + seen count overfetches more than needed)."""
+    rng = np.random.default_rng(21)
+    users = list(range(100, 140))
+    q = unit_vectors(len(users), cat1.dim, seed=21)
+    top, _ = exact_topk(cat1.x, cat1.ids, q, 30)
+    seen = [sorted(set(rng.choice(row, size=15, replace=False).tolist()) | {int(cat1.ids[-1]), int(cat1.ids[-2])})
+            for row in top]
+    seen[0] = top[0].tolist()  # the whole top-30 seen: the answer comes from ranks 31..
+    path = workdir / "artifacts" / "with_seen"
+    flat_dir(path, cat1.x, cat1.ids)
+    add_seen_file(path, users, seen, "2026-04-05")
+    return {"path": path, "users": users, "q": q, "seen": seen}
+
+
+def test_search_with_user_ids_excludes_each_users_seen_items_and_keeps_k(client, seen_index, cat1, dirs) -> None:
+    client.load_index(21, str(seen_index["path"]), 16)
+    info = client.get_index(21)["seen_items"]
+    assert info["available"] is True and info["last_day"] == "2026-04-05" and info["users"] == 40
+    users, q, k = seen_index["users"], seen_index["q"], 10
+    res = client.search(21, q, k, user_ids=users)
+    assert res.seen_last_day == "2026-04-05"
+    everything, _ = exact_topk(cat1.x, cat1.ids, q, len(cat1.ids))
+    for row, scores, full, mine in zip(res.ids, res.scores, everything, seen_index["seen"], strict=True):
+        assert len(row) == k and not set(row) & set(mine)
+        assert row == [i for i in full.tolist() if i not in set(mine)][:k]  # the best k unseen, in order
+        assert scores == sorted(scores, reverse=True)
+    # One row at a time (the router's call) answers the same as the batch.
+    for i in (0, 7):
+        assert client.search(21, q[i], k, user_ids=[users[i]]).ids == [res.ids[i]]
+    # A user without history, or no user_ids at all: the plain top-k.
+    plain, _ = exact_topk(cat1.x, cat1.ids, q[:1], k)
+    assert client.search(21, q[:1], k, user_ids=[999]).ids == plain.tolist()
+    unfiltered = client.search(21, q[:1], k)
+    assert unfiltered.ids == plain.tolist() and unfiltered.seen_last_day is None
+
+    async def one_async() -> list[int]:
+        async with AsyncIndexServiceClient(client.base_url) as ac:
+            got = await ac.search(21, q[0], k, user_id=users[0])
+            assert got.seen_last_day == "2026-04-05"
+            return got.ids
+
+    assert asyncio.run(one_async()) == res.ids[0]
+
+    # An index from before the seen file: still served, unfiltered, and it says so.
+    ensure_loaded(client, 1, dirs["v1"][0], 16)
+    assert client.get_index(1)["seen_items"]["available"] is False
+    old = client.search(1, q[:1], k, user_ids=[users[0]])
+    assert old.ids == plain.tolist() and old.seen_last_day is None
+    text = client.metrics_text()
+    assert metric_value(text, "dayloop_index_search_exclusion_total", version="21", outcome="applied") >= 43
+    assert metric_value(text, "dayloop_index_search_exclusion_total", version="1", outcome="unavailable") >= 1
+    with pytest.raises(ValueError):
+        client.search(21, q[:2], k, user_ids=[1])
+    client.unload_index(21)
+
+
+def test_a_seen_file_from_another_build_refuses_the_load(client, seen_index, workdir, cat1) -> None:
+    path = workdir / "artifacts" / "seen_swapped"
+    flat_dir(path, cat1.x, cat1.ids)
+    add_seen_file(path, [1], [[int(cat1.ids[0])]], "2026-04-05")
+    (path / "seen_items.npz").write_bytes((seen_index["path"] / "seen_items.npz").read_bytes())
+    with pytest.raises(IndexServiceError) as err:
+        client.load_index(22, str(path), 16)
+    assert err.value.status == 409 and "seen_items.npz" in err.value.detail
+    assert 22 not in client.health()["versions"]
+
+
+def test_seen_file_loads_over_http(client, http_artifacts, seen_index) -> None:
+    client.load_index(23, f"{http_artifacts}/with_seen", 16)
+    assert client.get_index(23)["seen_items"]["last_day"] == "2026-04-05"
+    users, q = seen_index["users"], seen_index["q"]
+    res = client.search(23, q[:5], 10, user_ids=users[:5])
+    for row, mine in zip(res.ids, seen_index["seen"][:5], strict=True):
+        assert len(row) == 10 and not set(row) & set(mine)
+    client.unload_index(23)
+
+
+# ------------------------------------------------------------- seen-items swap
+
+
+def unseen_top(full: np.ndarray, seen: list[int], k: int) -> list[int]:
+    mine = set(seen)
+    return [i for i in full.tolist() if i not in mine][:k]
+
+
+@pytest.fixture(scope="module")
+def seen_days(workdir: Path, seen_index: dict, cat1: Catalogue) -> dict:
+    """Seen-items files for seen_index's users on other days, each alone in its directory:
+    a day later (each user also saw the best 5 they had not seen, so their top 10 moves) and
+    a day earlier (the first half of each history). day -> (dir, sha256, seen lists)."""
+    from serving.index_service.seen import SEEN_FILE, csr_from_pairs, write_seen_file
+
+    everything, _ = exact_topk(cat1.x, cat1.ids, seen_index["q"], len(cat1.ids))
+    later = [sorted(set(s) | set(unseen_top(full, s, 5))) for s, full in zip(seen_index["seen"], everything)]
+    earlier = [s[: len(s) // 2] for s in seen_index["seen"]]
+    out = {"2026-04-05": (seen_index["path"], sha256(seen_index["path"] / SEEN_FILE), seen_index["seen"])}
+    for day, lists in (("2026-04-06", later), ("2026-04-04", earlier)):
+        d = workdir / "artifacts" / f"seen_{day}"
+        d.mkdir(parents=True, exist_ok=True)
+        us = [u for u, items in zip(seen_index["users"], lists) for _ in items]
+        f = write_seen_file(d / SEEN_FILE, *csr_from_pairs(us, [i for items in lists for i in items]), day)
+        out[day] = (d, sha256(f), lists)
+    out["everything"] = everything
+    return out
+
+
+def test_a_loaded_versions_seen_items_are_swapped_for_a_fresher_history(client, raw, seen_index, seen_days, dirs,
+                                                                        http_artifacts) -> None:
+    users, q, k = seen_index["users"], seen_index["q"], 10
+    client.load_index(31, str(seen_index["path"]), 16)
+    fresh_dir, fresh_fp, fresh_seen = seen_days["2026-04-06"]
+    out = client.update_seen(31, str(fresh_dir), fresh_fp)
+    assert out["status"] == "updated" and out["previous"]["last_day"] == "2026-04-05"
+    info = client.get_index(31)["seen_items"]
+    assert (info["last_day"], info["fingerprint"]) == ("2026-04-06", fresh_fp)
+    assert info["source"] == str(fresh_dir / "seen_items.npz") and info["users"] == 40
+    res = client.search(31, q, k, user_ids=users)
+    assert res.seen_last_day == "2026-04-06"
+    assert res.ids == [unseen_top(full, s, k) for full, s in zip(seen_days["everything"], fresh_seen)]
+    # The file in use (its sha256) answers from what is loaded, like a load does.
+    assert client.update_seen(31, str(fresh_dir / "seen_items.npz"), fresh_fp.upper())["status"] == "unchanged"
+
+    # Refusals leave the fresher table in place.
+    old_dir, old_fp, old_seen = seen_days["2026-04-04"]
+    refusals = [
+        (lambda: client.update_seen(31, str(old_dir), old_fp), 409, "backwards"),
+        (lambda: client.update_seen(31, str(old_dir), seen_days["2026-04-05"][1]), 409, "sha256"),
+        (lambda: client.update_seen(31, str(dirs["v1"][0]), "0" * 64), 400, "seen_items.npz"),
+        (lambda: client.update_seen(31, str(dirs["v1"][0] / "index.faiss"), sha256(dirs["v1"][0] / "index.faiss")),
+         422, "not a readable .npz"),
+        (lambda: client.update_seen(31, "relative/dir", "0" * 64), 400, "absolute"),
+        (lambda: client.update_seen(77, str(fresh_dir), fresh_fp), 404, "not loaded"),
+    ]
+    for call, status, words in refusals:
+        with pytest.raises(IndexServiceError) as err:
+            print("accepted where a refusal naming", repr(words), "was due:", call())
+        assert err.value.status == status and words in err.value.detail, err.value.detail
+    assert client.get_index(31)["seen_items"]["fingerprint"] == fresh_fp
+    body = {"source": str(old_dir), "fingerprint": old_fp}
+    assert raw.put("/admin/indexes/31/seen", json=body).status_code == 401
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    for bad in ({"source": str(old_dir)}, {**body, "allow_older": "true"}, {**body, "extra": 1}):
+        assert raw.put("/admin/indexes/31/seen", json=bad, headers=headers).status_code == 422
+    assert client.search(31, q, k, user_ids=users).ids == res.ids
+
+    # Going back is possible when asked for.
+    assert client.update_seen(31, str(old_dir), old_fp, allow_older=True)["status"] == "updated"
+    assert client.search(31, q[:1], k, user_ids=users[:1]).ids == [unseen_top(seen_days["everything"][0],
+                                                                               old_seen[0], k)]
+
+    # An index loaded without a seen file starts excluding once it gets one; over HTTP too.
+    client.load_index(32, str(dirs["v1"][0]), 16)
+    assert client.update_seen(32, f"{http_artifacts}/seen_2026-04-06/seen_items.npz", fresh_fp)["status"] == "updated"
+    assert client.get_index(32)["seen_items"]["source"] == f"{http_artifacts}/seen_2026-04-06/seen_items.npz"
+    got = client.search(32, q[:3], k, user_ids=users[:3])
+    assert got.seen_last_day == "2026-04-06" and got.ids == res.ids[:3]
+
+    text = client.metrics_text()
+    assert metric_value(text, "dayloop_index_seen_updates_total", outcome="updated") >= 3
+    assert metric_value(text, "dayloop_index_seen_updates_total", outcome="unchanged") >= 1
+    assert metric_value(text, "dayloop_index_seen_updates_total", outcome="refused_409") >= 2
+    midnight = datetime.datetime(2026, 4, 6, tzinfo=datetime.timezone.utc).timestamp()
+    assert metric_value(text, "dayloop_index_seen_last_day_timestamp_seconds", version="32") == midnight
+    client.unload_index(31)
+    client.unload_index(32)
+    text = client.metrics_text()
+    assert metric_value(text, "dayloop_index_seen_last_day_timestamp_seconds", version="32") == 0
+
+
+def test_searches_during_swaps_see_one_history_or_the_other(client, service, seen_index, seen_days) -> None:
+    users, q, k = seen_index["users"], seen_index["q"], 10
+    client.load_index(33, str(seen_index["path"]), 16)
+    want = {day: [unseen_top(full, s, k) for full, s in zip(seen_days["everything"], seen_days[day][2])]
+            for day in ("2026-04-04", "2026-04-05", "2026-04-06")}
+    answers: list[tuple[str | None, list[list[int]]]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        with IndexServiceClient(service) as c:
+            while not stop.is_set():
+                try:
+                    r = c.search(33, q, k, user_ids=users)
+                    answers.append((r.seen_last_day, r.ids))
+                except Exception as exc:  # noqa: BLE001 - counted, asserted below
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=search_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(6):
+            for day in ("2026-04-06", "2026-04-04", "2026-04-05"):
+                d, fp, _ = seen_days[day]
+                client.update_seen(33, str(d), fp, allow_older=True)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not failures, failures[:3]
+    days = {day for day, _ in answers}
+    assert len(answers) > 20 and len(days) >= 2, (len(answers), days)
+    for day, ids in answers:  # every batch is wholly one history's answer
+        assert ids == want[day], day
+    client.unload_index(33)

@@ -10,6 +10,7 @@ the triggerer, trigger rules) is covered under the real scheduler in tests/e2e."
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -110,9 +111,12 @@ def _failed(world) -> dict:
 
 def test_a_healthy_canary_is_promoted_through_every_step(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    before = client.router.routes()
     ctx = controller.deploy_canary(s, {"version": v[1], "alias": "challenger"}, FAST, "test")
     assert ctx.mode == "canary" and ctx.champion == v[0]
     assert int(reg.alias_version(CHALLENGER).version) == v[1]
+    # The canary kept the champion-only table's salt: its groups' pre-period is the baseline.
+    assert ctx.salt == before.table.salt and ctx.baseline_start == before.created_at
     started, state, steps = ctx.started_at, None, []
     for i, step in enumerate(ctx.plan.steps):
         result = _bake(ctx, i, started, state)
@@ -123,6 +127,10 @@ def test_a_healthy_canary_is_promoted_through_every_step(world):
         if step.percent < 100:
             assert {"ctr", "score_drift", "latency_p99_vs_control"} <= set(checks)
             assert [c["name"] for c in result["analysis"]["checks"] if c["advisory"]] == ["score_drift"]
+            ctr = next(c["values"] for c in result["analysis"]["checks"] if c["name"] == "ctr")
+            # judged at the randomisation unit, with the pre-period baseline
+            assert ctr["unit"] == "bucket group" and 0 < ctr["canary_groups"] <= round(step.percent)
+            assert ctr["adjusted_ratio"] > 0 and ctr["upper_bound"] > ctr["adjusted_ratio"]
         controller.record_step(s, ctx, _record(ctx, i, result))
         steps.append(result)
         state = result["ctr_state"]
@@ -139,9 +147,34 @@ def test_a_healthy_canary_is_promoted_through_every_step(world):
     tags = dict(reg.get_version(v[1]).tags)
     assert tags["dayloop.rollout.status"] == "promoted"
     assert all(tags[f"dayloop.rollout.step{i}"].startswith("pass") for i in range(3))
+    assert all("adjusted ratio" in tags[f"dayloop.rollout.step{i}.ctr"] for i in range(2))
     retired = controller.retire_previous(s, ctx, promoted)
     assert retired["retired"] == v[0] and v[0] not in client.triton.ready_versions()
     assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_the_routers_export_impressions_and_clicks_per_bucket_group_and_version(world):
+    from datetime import datetime, timedelta, timezone
+
+    from dayloop.rollout.prom import read_groups, read_window
+    from serving.routing import N_GROUPS
+
+    client, v = world["client"], world["v"]
+    champion = client.router.routes().table.stable
+    prom = client.endpoints["prometheus_url"]
+    time.sleep(4.0)
+    end = datetime.now(timezone.utc) - timedelta(seconds=1.5)
+    start = end - timedelta(seconds=20)
+    groups = read_groups(prom, [champion], start, end, n_groups=N_GROUPS)
+    totals = read_window(prom, [champion], start, end)[champion]
+    # every group has its series (created at 0 when the table applied), and they add up
+    assert all(math.isfinite(x) for x in groups.impressions) and all(math.isfinite(x) for x in groups.clicks)
+    assert sum(groups.impressions) == pytest.approx(totals.impressions, rel=0.02)
+    assert sum(groups.clicks) == pytest.approx(totals.clicks, rel=0.05, abs=2)
+    assert sum(x > 0 for x in groups.impressions) > N_GROUPS // 2
+    # a version no table has routed yet has no group series: missing, not zero
+    other = v[-1]
+    assert all(math.isnan(x) for x in read_groups(prom, [other], start, end, n_groups=N_GROUPS).impressions)
 
 
 def test_a_canary_emitting_nan_is_rolled_back_at_its_first_step(world):

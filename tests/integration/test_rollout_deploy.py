@@ -33,6 +33,25 @@ def _register(reg: Registry, ds: str, bundle, index_dir, gate: str = "pass", ind
     return ref.version
 
 
+def _with_seen(index_dir, last_day: str, users: np.ndarray, n_seen: int):
+    """Put a seen-items file beside the index and name it in the meta, as ``rebuild_index``
+    does: each user has seen the first ``n_seen`` items (a later day, one more)."""
+    from serving.fileio import file_sha256
+    from serving.index_service.seen import SEEN_FILE, csr_from_pairs, write_seen_file
+
+    items = np.arange(1001, 1001 + n_seen, dtype=np.int64)
+    f = write_seen_file(index_dir / SEEN_FILE, *csr_from_pairs(np.repeat(users, n_seen), np.tile(items, users.size)),
+                        last_day)
+    meta = json.loads((index_dir / "index_meta.json").read_text())
+    meta["seen_items"] = {"file": SEEN_FILE, "fingerprint": file_sha256(f), "last_day": last_day}
+    (index_dir / "index_meta.json").write_text(json.dumps(meta))
+    return index_dir
+
+
+def _seen_day(client, version: int) -> str | None:
+    return client.index.get_index(version)["seen_items"].get("last_day")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import os
@@ -44,10 +63,11 @@ def world(tmp_path_factory):
     art = tmp_path_factory.mktemp("art")
     reg = Registry(settings)
     versions = {}
+    seen_users = (np.arange(1, 201) * 7).astype(np.int64)
     for i, ds in enumerate(("2026-03-01", "2026-03-02", "2026-03-03")):
         b = make_bundle(art / f"b{i}", seed=i)
-        versions[ds] = _register(reg, ds, b, make_index(b, art / f"i{i}"),
-                                 index_ready=(ds != "2026-03-03"))
+        index_dir = _with_seen(make_index(b, art / f"i{i}"), ds, seen_users, 10 + i)
+        versions[ds] = _register(reg, ds, b, index_dir, index_ready=(ds != "2026-03-03"))
     v1, v2, v_noindex = versions.values()
     reg.set_alias(CHAMPION, v1)
     users = (np.arange(1, 201) * 7).astype(np.int64)
@@ -77,8 +97,13 @@ def _table(w):
 
 def test_deploy_ramp_rollback_then_deploy_promote_retire_with_users_running(world):
     s, reg, client, v1, v2 = world["settings"], world["reg"], world["client"], world["v1"], world["v2"]
+    assert _seen_day(client, v1) == "2026-03-01"
     out = deploy_canary(s, client, v2, 10, actor="test")
     assert out["champion"] == v1 and out["live_check"]["finite"]
+    # Both arms exclude the same history: the champion took the canary's fresher seen items.
+    assert _seen_day(client, v1) == _seen_day(client, v2) == "2026-03-02"
+    assert client.index.get_index(v1)["seen_items"]["fingerprint"] == \
+        client.index.get_index(v2)["seen_items"]["fingerprint"]
     table = _table(world)
     assert table["stable"] == v1 and table["routes"][0] == {"start": 0, "end": 1000, "version": v2}
     assert int(reg.alias_version(CHALLENGER).version) == v2
@@ -92,6 +117,7 @@ def test_deploy_ramp_rollback_then_deploy_promote_retire_with_users_running(worl
     tags = dict(reg.get_version(v2).tags)
     assert tags["dayloop.rollout.status"] == "rolled_back" and "judged worse" in tags["dayloop.rollout.reason"]
     assert v2 not in client.triton.ready_versions()
+    assert _seen_day(client, v1) == "2026-03-02"  # history only grows: the champion keeps it
     hist = client.router.history(5)
     assert hist[0]["revision"] == rb["revision"] and "rollback of v" in hist[0]["reason"]
 

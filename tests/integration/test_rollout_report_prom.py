@@ -1,19 +1,26 @@
 """fetch_series against a real Prometheus scraping two real router-metric exporters
 (serving.router.metrics.RouterMetrics in the serving venv) moved at known rates, then the
-report rendered from what came back."""
+report rendered from what came back; and the report's truth computed from two really trained
+bundles in a real MLflow registry, over a panel of the held-out day's users."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from dayloop.config import load_settings
 from dayloop.rollout.plan import PROFILES
-from dayloop.rollout.report import fetch_series, render_report
-from serving_helpers import RouterPrometheus, post_event, prom_value
+from dayloop.rollout.report import fetch_series, render_report, write_and_log_report
+from serving.simulator.core import expected_clicks
+from serving_helpers import RouterPrometheus, make_index, post_event, prom_value, top_items
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +121,79 @@ def test_fetch_series_reads_what_the_routers_did_and_the_report_plots_it(tmp_pat
     text = html_path.read_text()
     assert "Rollout of v2 vs champion v1: ROLLED_BACK" in text and "data:image/png;base64," in text
     assert (tmp_path / "report" / "rollout_metrics.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _register_with_index(reg, ds: str, bundle_dir, index_dir) -> int:
+    """As the DAG leaves a version: registered bundle, index logged to its run, index tags."""
+    from dayloop.registry import TAG_INDEX_PREFIX
+
+    ref = reg.register_bundle(ds, bundle_dir, {"seed": 0}, {"final_loss": 1.0}, {})
+    uri = reg.log_artifacts(ref.version, index_dir, "index")
+    reg.set_tags(ref.version, {f"{TAG_INDEX_PREFIX}status": "ready", f"{TAG_INDEX_PREFIX}uri": uri})
+    return int(ref.version)
+
+
+def test_the_truth_of_real_trained_bundles_beside_the_rollout_decision(tmp_path):
+    from test_training import FAST, write_latent_feature_dir
+
+    from dayloop.registry import Registry
+    from dayloop.simulation.panel import read_panel, write_panel
+    from dayloop.simulation.truth import SIMULATOR_K, judge_rollout, panel_path, version_truth
+    from dayloop.training.train import TrainParams, train_two_tower
+    from serving.index_service.seen import csr_from_pairs, write_seen_file
+
+    settings = load_settings()
+    features = write_latent_feature_dir(tmp_path / "features")
+    good = train_two_tower(features, tmp_path / "good", TrainParams(seed=1, **FAST)).bundle_dir
+    # Item ids relabelled in training: a model that learned nothing about the items.
+    bad = train_two_tower(features, tmp_path / "bad", TrainParams(seed=3, shuffle_item_ids=True, **FAST)).bundle_dir
+    # The panel: the held-out day's users, relevant = the items they took that day.
+    eval_df = pd.read_parquet(features / "eval.parquet")
+    panel = read_panel(write_panel(panel_path(settings), eval_df["user_id"].to_numpy(), list(eval_df["targets"])))
+    seen_of = dict(zip(eval_df["user_id"].tolist(), (np.asarray(s, dtype=np.int64) for s in eval_df["seen"]),
+                       strict=True))
+    # The good version's index artifact carries the seen items (as rebuild_index writes them),
+    # the bad one's does not (an index from before seen-item exclusion).
+    good_index = make_index(good, tmp_path / "index_good")
+    pairs = [(u, i) for u, items in seen_of.items() for i in items.tolist()]
+    write_seen_file(good_index, *csr_from_pairs(*zip(*pairs, strict=True)), last_day="2026-11-19")
+    reg = Registry(settings)
+    v_good = _register_with_index(reg, "2026-11-20", good, good_index)
+    v_bad = _register_with_index(reg, "2026-11-21", bad, make_index(bad, tmp_path / "index_bad"))
+
+    truth = version_truth(settings, v_good, panel, registry=reg)
+    assert truth.excluded_seen is True and truth.n_users == panel.n_users == len(eval_df)
+    # Cross-check: the bundle's serving tower + exact ranking, each user's seen items dropped,
+    # the first k scored by the click model.
+    ranked = top_items(good, panel.user_ids, 10_000)
+    seen_sets = {u: set(items.tolist()) for u, items in seen_of.items()}
+    lists = [[i for i in row.tolist() if i not in seen_sets[u]][:SIMULATOR_K]
+             for u, row in zip(panel.user_ids.tolist(), ranked, strict=True)]
+    want = [expected_clicks(items, frozenset(rel.tolist())) for items, rel in zip(lists, panel.relevant, strict=True)]
+    assert truth.per_user == pytest.approx(np.array(want))
+    # Seen items are never relevant here (each day's picks are unseen ones): leaving them out
+    # can only move relevant items up, so no user earns less than from the unfiltered list.
+    unfiltered = [expected_clicks(row.tolist(), frozenset(rel.tolist()))
+                  for row, rel in zip(ranked[:, :SIMULATOR_K], panel.relevant, strict=True)]
+    assert (truth.per_user >= np.array(unfiltered) - 1e-12).all()
+    assert truth.mean_expected_clicks > np.mean(unfiltered)
+
+    worse = judge_rollout(settings, v_bad, v_good, 0.02, "promoted")
+    assert worse.ratio < 0.7, worse.sentence  # relabelled items: far fewer true clicks
+    assert worse.expected == "rolled_back" and worse.agrees is False
+    assert "DISAGREES" in worse.sentence and f"over all {panel.n_users} panel users" in worse.sentence
+    assert f"(v{v_bad} without seen-item exclusion" in worse.sentence
+
+    # The report of a CTR rollback of the bad canary: the truth agrees, logged beside the HTML.
+    now = datetime.now(timezone.utc).isoformat()
+    ctr_fail = {"name": "ctr", "phase": "fail", "message": "CTR ratio 0.6", "values": {}, "advisory": False}
+    steps = [{"index": 0, "percent": 10.0, "started_at": now, "ended_at": now, "decision": "fail", "looks": [],
+              "analysis": {"phase": "fail", "checks": [ctr_fail]}}]
+    rollout = {"version": v_bad, "champion": v_good, "salt": "s", "plan": PROFILES["demo"].to_dict(),
+               "outcome": "rolled_back", "reason": "ctr"}
+    out = write_and_log_report(settings, None, rollout, steps, tmp_path / "report")
+    assert out["truth"]["agrees"] is True and out["truth"]["ratio"] == pytest.approx(worse.ratio)
+    assert "the decision agrees with the truth" in Path(out["html"]).read_text()
+    logged = {Path(f.path).name for f in reg.client.list_artifacts(reg.get_version(v_bad).run_id, "rollout")}
+    assert {"rollout_report.html", "truth.json"} <= logged
+    assert json.loads((tmp_path / "report" / "truth.json").read_text())["sentence"] == out["truth"]["sentence"]

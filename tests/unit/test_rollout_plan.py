@@ -85,15 +85,24 @@ def test_max_duration_sums_max_bakes_drains_and_grace():
     ((50, 100.5), r"\(0, 100\]"),
     ((0.001, 100), "routes no user"),
     ((1.001, 1.002, 100), "same users"),
+    ((1.5, 100), "whole bucket groups"),
 ])
 def test_percents_must_increase_within_0_100_and_end_at_100(percents, match):
     with pytest.raises(InvalidPlan, match=match):
         _plan(steps=tuple(RolloutStep(p, 10, 5, 5, 20) for p in percents))
 
 
-def test_one_bucket_is_the_smallest_step():
-    plan = _plan(steps=(RolloutStep(0.01, 10, 5, 5, 20), RolloutStep(100, 10, 5, 5, 20)))
-    assert plan.steps[0].percent == 0.01
+def test_one_bucket_group_is_the_smallest_step():
+    plan = _plan(steps=(RolloutStep(1, 10, 5, 5, 20), RolloutStep(100, 10, 5, 5, 20)))
+    assert plan.steps[0].percent == 1
+
+
+@pytest.mark.parametrize("percent", [0.01, 0.5, 2.5, 50.3])
+def test_a_step_must_own_whole_bucket_groups(percent):
+    # The user-level CTR test takes its variance over bucket groups: a step that split a
+    # group would put canary and control users in one unit.
+    with pytest.raises(InvalidPlan, match="does not own whole bucket groups"):
+        _plan(steps=(RolloutStep(percent, 10, 5, 5, 20), RolloutStep(100, 10, 5, 5, 20)))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,10 +1,12 @@
 """The rollout report rendered from hand-made steps and series: what a reader must find in
-the HTML (outcome, steps, failing checks, escaped text), the PNG, and the no-Prometheus path."""
+the HTML (outcome, steps, failing checks, escaped text, the truth beside the decision), the
+PNG, and the no-Prometheus and no-panel paths."""
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import subprocess
 import sys
@@ -12,13 +14,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
+from dayloop.config import load_settings
 from dayloop.rollout import report as report_mod
 from dayloop.rollout.analysis import Analysis, Check
 from dayloop.rollout.plan import PROFILES
 from dayloop.rollout.prom import PrometheusUnavailable
-from dayloop.rollout.report import METRICS, fetch_series, render_report, write_and_log_report
+from dayloop.rollout.report import METRICS, failed_checks, fetch_series, render_report, write_and_log_report
+from dayloop.simulation.panel import write_panel
+from dayloop.simulation.truth import VersionTruth, judge, panel_path
 from serving_helpers import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,8 +159,9 @@ def fake_registry(monkeypatch):
 @pytest.mark.parametrize("prom", [None, "unreachable"])
 def test_write_and_log_report_without_prometheus_logs_a_plotless_report(tmp_path, fake_registry, prom):
     prom_url = None if prom is None else f"http://127.0.0.1:{free_port()}"
-    out = write_and_log_report(object(), prom_url, _rollout(), _steps(), tmp_path / "report")
+    out = write_and_log_report(load_settings(), prom_url, _rollout(), _steps(), tmp_path / "report")
     assert out["plots"] is False
+    assert out["truth"] is None  # no panel file: production, no truth
     assert out["artifact_uri"] == "mlflow-artifacts:/run/artifacts/rollout"
     assert fake_registry.logged == [(5, ["rollout_report.html"], "rollout")]
     text = Path(out["html"]).read_text()
@@ -170,10 +177,64 @@ def test_write_and_log_report_fetches_around_the_steps(tmp_path, fake_registry, 
         return _series()
 
     monkeypatch.setattr(report_mod, "fetch_series", fake_fetch)
-    out = write_and_log_report(object(), "http://prom:9090", _rollout(), _steps(), tmp_path)
+    out = write_and_log_report(load_settings(), "http://prom:9090", _rollout(), _steps(), tmp_path)
     assert calls == [("http://prom:9090", [4, 5], T0 - timedelta(seconds=30), T0 + timedelta(seconds=100))]
     assert out["plots"] is True
     assert fake_registry.logged == [(5, ["rollout_metrics.png", "rollout_report.html"], "rollout")]
+
+
+def _verdict(canary_mean: float, outcome: str, checks: list[str]) -> dict:
+    users = np.array([1, 2, 3], dtype=np.int64)
+
+    def truth(version, mean):
+        return VersionTruth(version=version, n_users=3, mean_expected_clicks=mean, per_user=np.full(3, mean),
+                            excluded_seen=True, user_ids=users, k=10)
+
+    return judge(truth(5, canary_mean), truth(4, 0.2), 0.02, outcome, checks).as_dict()
+
+
+def test_failed_checks_name_the_verdict_checks_of_the_failed_step():
+    steps = _steps()
+    assert failed_checks(steps) == ["error_ratio"]
+    assert failed_checks(steps[:1]) == []  # no step failed
+    drift = Check("score_drift", "fail", "PSI 4.5", {}, advisory=True)
+    ctr = Check("ctr", "fail", "CTR ratio 0.73", {})
+    steps[1]["result"] = {"analysis": _analysis("fail", [drift, ctr])}
+    steps[1]["analysis"] = None
+    assert failed_checks(steps) == ["ctr"]  # advisory checks decide nothing
+    steps[1]["result"] = {"analysis": _analysis("inconclusive", [Check("ctr", "inconclusive", "few", {})])}
+    assert failed_checks(steps) == []  # inconclusive until the maximum bake
+
+
+@pytest.mark.parametrize(("mean", "checks", "css", "words"), [
+    (0.197, ["ctr"], "fail", "the decision DISAGREES with the truth"),
+    (0.15, ["ctr"], "pass", "the decision agrees with the truth"),
+    (0.197, ["error_ratio"], "aborted", "the truth concerns CTR only"),
+])
+def test_the_report_sets_the_decision_beside_the_truth(tmp_path, mean, checks, css, words):
+    truth = _verdict(mean, "rolled_back", checks)
+    text = render_report(tmp_path, _rollout(), _steps(), None, truth).read_text()
+    assert "Truth (simulated users)" in text
+    assert f"<p class='{css}'><b>{html.escape(truth['sentence'])}</b></p>" in text and words in truth["sentence"]
+    assert json.loads((tmp_path / "truth.json").read_text()) == truth
+    # Rendered again without a truth (production): no section, and no stale truth.json.
+    text = render_report(tmp_path, _rollout(), _steps(), None).read_text()
+    assert "Truth" not in text and not (tmp_path / "truth.json").exists()
+
+
+def test_a_truth_that_cannot_be_computed_never_costs_the_report(tmp_path, fake_registry):
+    settings = load_settings()
+    write_panel(panel_path(settings), [1, 2], [[1001], [1002]])
+    # The (fake) registry cannot answer for the version: the truth fails, the report is still
+    # written and logged.
+    out = write_and_log_report(settings, None, _rollout(), _steps(), tmp_path / "report")
+    assert set(out["truth"]) == {"error"} and "AttributeError" in out["truth"]["error"]
+    assert fake_registry.logged == [(5, ["rollout_report.html", "truth.json"], "rollout")]
+    text = Path(out["html"]).read_text()
+    assert "Truth not computed: AttributeError" in text and html.escape(FAIL_MESSAGE) in text
+    # A rollout without a control has nothing to compare with.
+    assert write_and_log_report(settings, None, {**_rollout(), "champion": None}, _steps(),
+                                tmp_path / "r2")["truth"] is None
 
 
 def test_fetch_series_refuses_bad_arguments_and_unreachable_prometheus():

@@ -133,6 +133,7 @@ def build_and_check(
     exact_threshold: int = 50_000,
     approximate: Literal["ivf", "hnsw"] = "ivf",
     threads: int | None = None,
+    meta_extra: dict[str, Any] | None = None,
 ) -> IndexResult:
     """Build the item index, gate it on recall@k vs exact search, save index.faiss + index_meta.json.
 
@@ -142,6 +143,7 @@ def build_and_check(
     ``spec`` is used as is. ``query_vectors`` (real user embeddings) are preferred
     over the default perturbed-item probes. ``k`` is capped at the catalogue size.
     Raises ``IndexGateFailed`` when recall < ``recall_floor``; nothing is written then.
+    ``meta_extra`` adds keys to ``index_meta.json`` (e.g. the seen-items file beside the index).
     """
     out_dir = Path(out_dir)
     x = check_vectors("item_embeddings", item_embeddings)
@@ -173,7 +175,7 @@ def build_and_check(
         n_queries=int(q.shape[0]),
         query_source=query_source,
         recall_floor=recall_floor,
-        extra={"seed": seed, "faiss_threads": used_threads},
+        extra={**(meta_extra or {}), "seed": seed, "faiss_threads": used_threads},
     )
 
 

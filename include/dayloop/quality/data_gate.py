@@ -1,17 +1,20 @@
 """The data gate: a landed day's partition must be well-formed and look like recent days.
 
-Two layers:
+Three layers:
 
 1. **Great Expectations 1.x** (ephemeral context, pandas data source, one
    ExpectationSuite per partition): exactly the schema's columns; column types;
    no nulls; user/item ids known to the landed dimensions; rating in [1, 5]; every
-   ``ts`` inside ``[ds, ds + 1 day)``.
+   ``ts`` inside ``[ds, ds + 1 day)``; no event delivered twice (user, item, ts unique).
 2. **Comparisons with the trailing landed days** (scipy): row volume against the
    median of the last days, and distribution drift of ratings, genre mix and item
    concentration. Drift is judged by EFFECT SIZE (Jensen-Shannon distance, share
    ratio) and only confirmed by a test: with thousands of rows per day, every real
    MovieLens day differs "significantly" from the previous week (chi-square
    p < 1e-6 on most of them), so a bare p-value would block healthy days.
+3. **Delivery checks** (``delivery_checks``): re-delivered pairs, gaps and the
+   hour-of-day profile, one account flooding or bursting, timestamp clusters, late
+   and early events.
 
 ``validate_partition`` only reads. ``run_data_gate`` acts on the verdict:
 quarantine + DataGateFailed on failure, a validation record on success.
@@ -39,6 +42,7 @@ from dayloop.data import landing
 from dayloop.data.schema import INTERACTION_COLUMNS, RATING_MAX, RATING_MIN, partition_file
 from dayloop.errors import DataGateFailed, DataUnavailable
 from dayloop.jsonsafe import to_plain
+from dayloop.quality.delivery_checks import DeliveryThresholds, delivery_checks
 from serving.fileio import atomic_write_text
 
 log = logging.getLogger("dayloop.data_gate")
@@ -69,6 +73,8 @@ class DataGateThresholds:
     # A drift check fails only if its effect exceeds the limit AND its test rejects
     # "same distribution" at this level (guards against noise on small days).
     drift_alpha: float = 1e-3
+    # Re-deliveries, partial days, floods, bursts and clock faults (see delivery_checks).
+    delivery: DeliveryThresholds = field(default_factory=DeliveryThresholds)
 
 
 @dataclass
@@ -131,7 +137,8 @@ def _id_expectation(gx, column: str, known: np.ndarray | None, notes: list[str])
 def _expectation_reason(er) -> str:
     cfg = er.expectation_config
     kw = cfg.kwargs
-    name = f"{cfg.type}({kw.get('column')})" if kw.get("column") else cfg.type
+    columns = kw.get("column") or ", ".join(kw.get("column_list") or [])
+    name = f"{cfg.type}({columns})" if columns else cfg.type
     res = er.result or {}
     message = _exception_message(er.exception_info)
     if message:
@@ -185,6 +192,10 @@ def _run_expectations(df: pd.DataFrame, ds: dt.date, known_users, known_items,
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
         suite.add_expectation(E.ExpectColumnValuesToBeOfType(
             column=col, type_=_GX_TYPES[INTERACTION_COLUMNS[col]]))
+    if {"user_id", "item_id", "ts"} <= set(present):
+        # A re-delivered batch repeats rows exactly; real days have none (MovieLens: one
+        # rating per pair; re-timed events are all distinct).
+        suite.add_expectation(E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "ts"]))
     # Value checks only where the dtype allows the comparison; a wrong dtype is
     # already reported by the type expectation and would only raise here.
     numeric = {c for c in present if c != "ts" and pd.api.types.is_numeric_dtype(df[c].dtype)}
@@ -215,7 +226,7 @@ def _run_expectations(df: pd.DataFrame, ds: dt.date, known_users, known_items,
         ok = bool(er.success) and not _exception_message(er.exception_info)
         checks.append({
             "name": cfg.type,
-            "column": cfg.kwargs.get("column"),
+            "column": cfg.kwargs.get("column") or cfg.kwargs.get("column_list"),
             "kind": "expectation",
             "passed": ok,
             "observed": to_plain({k: res[k] for k in (
@@ -455,7 +466,23 @@ def validate_partition(ds: dt.date, settings: Settings,
     checks.extend(_run_expectations(df, ds, known_users, known_items, notes))
     checks.append(_volume_check(len(df), ds, settings, thresholds))
     checks.extend(_drift_checks(df, ds, settings, thresholds))
+    checks.extend(_delivery_checks(df, ds, settings, thresholds.delivery))
     return finish(checks)
+
+
+def _delivery_checks(df: pd.DataFrame, ds: dt.date, settings: Settings, th: DeliveryThresholds) -> list[dict]:
+    """The delivery checks against the trailing landed days (unreadable ones noted, not fatal)."""
+    trailing, skipped = [], []
+    for d in _trailing(ds, settings, th.window_days):
+        try:
+            trailing.append((d, landing.read_partition(d, settings, columns=["user_id", "item_id", "ts"])))
+        except Exception:
+            skipped.append(d.isoformat())
+    checks = delivery_checks(df, ds, trailing, th)
+    if skipped:
+        for c in checks:
+            c["note"] = f"unreadable trailing partitions ignored: {skipped}"
+    return checks
 
 
 def validation_record_path(ds: dt.date, settings: Settings) -> Path:

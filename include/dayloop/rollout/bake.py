@@ -44,6 +44,10 @@ ABORTED = "aborted"
 # benchmarks/bench_rollout_analysis.py: demo windows only resolve large drops, prod
 # windows are sized for 5-10 % drops.
 MIXTURE_SCALE = {"demo": 0.2, "prod": 0.05}
+# How far back the CTR test's pre-period baseline reaches at most (from the first canary
+# step): a day in production (one daily cycle of every group's users), a quarter of an hour
+# in the demo (its champion-only period is the few minutes the run trains for).
+BASELINE_MAX_SECONDS = {"demo": 900.0, "prod": 86400.0}
 
 
 def parse_time(value: str | dt.datetime) -> dt.datetime:
@@ -97,10 +101,12 @@ def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mappi
     """Read the route table and Prometheus once and judge the step. Returns a JSON-safe dict:
     ``decision`` (continue/pass/fail/aborted), ``phase``, ``elapsed_s``, ``reasons``,
     ``analysis`` (Analysis.as_dict or None) and the CTR state to carry to the next look."""
-    from dayloop.rollout.analysis import INCONCLUSIVE, CtrState, analyse
+    from dayloop.rollout.analysis import INCONCLUSIVE, GroupWindow, StepGroups, analyse
+    from dayloop.rollout.analysis.grouped import canary_groups
     from dayloop.rollout.deploy import taken_over
-    from dayloop.rollout.prom import PrometheusUnavailable, read_window, scrape_health
+    from dayloop.rollout.prom import PrometheusUnavailable, read_groups, read_window, scrape_health
     from serving.client import DataPlaneClient
+    from serving.routing import N_GROUPS
 
     plan = ctx.require_plan()
     endpoints = ctx.require_endpoints()
@@ -133,10 +139,21 @@ def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mappi
                              scrape_interval_seconds=scrape)
     except PrometheusUnavailable as exc:
         return _finish(out, INCONCLUSIVE, [f"Prometheus unavailable: {exc}"], step, elapsed)
-    state = CtrState.from_dict(ctr_state) if ctr_state else None
     thresholds = thresholds_for_step(plan, step)
     control_window = version_window(counts[control]) if step.percent < 100 else None
-    analysis = analyse(version_window(counts[canary]), control_window, thresholds, state, step=step_index)
+    try:
+        state = user_ctr_state(ctx, ctr_state, thresholds)
+        users = None
+        if control_window is not None:
+            state = with_baseline(ctx, state)
+            groups = read_groups(prom_url, [canary, control], window_start, window_end, n_groups=N_GROUPS,
+                                 scrape_interval_seconds=scrape)
+            users = StepGroups(step_index, GroupWindow.of(groups.impressions, groups.clicks),
+                               canary_groups(step.percent, N_GROUPS))
+    except PrometheusUnavailable as exc:
+        return _finish(out, INCONCLUSIVE, [f"Prometheus unavailable: {exc}"], step, elapsed)
+    analysis = analyse(version_window(counts[canary]), control_window, thresholds, state, step=step_index,
+                       users=users)
     reasons = list(analysis.reasons)
     phase = analysis.phase
     if not health["healthy"]:
@@ -147,6 +164,43 @@ def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mappi
     out["analysis"] = analysis.as_dict()
     out["ctr_state"] = analysis.ctr_state.to_dict() if analysis.ctr_state is not None else ctr_state
     return _finish(out, phase, reasons, step, elapsed)
+
+
+def user_ctr_state(ctx: RolloutContext, doc: Mapping[str, Any] | None, thresholds: Any):
+    """The user-level CTR test's state carried from the previous look, or a fresh one with
+    the plan's per-step alpha split (also when an older rollout carried another kind)."""
+    from dayloop.rollout.analysis.grouped import GroupCtrState, start_state
+
+    if doc and doc.get("unit") == GroupCtrState.unit:
+        return GroupCtrState.from_dict(doc)
+    plan = ctx.require_plan()
+    return start_state(thresholds.ctr_margin, thresholds.alpha, thresholds.ctr_mixture_scale,
+                       [s.percent for s in plan.steps], [s.bake_seconds for s in plan.steps])
+
+
+def with_baseline(ctx: RolloutContext, state: Any) -> Any:
+    """``state`` with the pre-period baseline read once from Prometheus: the champion's
+    per-group counts from when its champion-only table (whose salt the rollout kept) was
+    written, at most ``BASELINE_MAX_SECONDS`` back, to when the first canary step began.
+    Without a recorded start (the rollout had to take a fresh salt) there is none, and the
+    CTR check stays inconclusive. Raises PrometheusUnavailable (caller: inconclusive)."""
+    from dayloop.rollout.analysis import GroupWindow
+    from dayloop.rollout.prom import read_groups
+    from serving.routing import N_GROUPS
+
+    if state.baseline is not None or not ctx.baseline_start or not ctx.started_at:
+        return state
+    plan = ctx.require_plan()
+    endpoints = ctx.require_endpoints()
+    end = parse_time(ctx.started_at)
+    reach = BASELINE_MAX_SECONDS.get(plan.name.split("+", 1)[0], BASELINE_MAX_SECONDS["prod"])
+    start = max(parse_time(ctx.baseline_start) + dt.timedelta(seconds=plan.drain_seconds),
+                end - dt.timedelta(seconds=reach))
+    if (end - start).total_seconds() < 2 * endpoints.scrape_interval_s:
+        return state
+    got = read_groups(endpoints.prom_url, [ctx.champion], start, end, n_groups=N_GROUPS,
+                      scrape_interval_seconds=endpoints.scrape_interval_s)
+    return state.with_baseline(GroupWindow.of(got.impressions, got.clicks), (end - start).total_seconds())
 
 
 def _finish(out: dict[str, Any], phase: str, reasons: list[str], step: RolloutStep, elapsed: float) -> dict[str, Any]:

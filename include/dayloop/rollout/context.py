@@ -61,6 +61,10 @@ class RolloutContext:
     revision: int | None = None
     live_check: Mapping[str, Any] | None = field(default=None, compare=False)
     reason: str | None = None
+    # When the champion-only table whose salt this rollout kept was written (ISO): the
+    # pre-period baseline of the user-level CTR test runs from here to ``started_at``.
+    # None: the rollout had to take a fresh salt, so there is no baseline.
+    baseline_start: str | None = None
 
     @property
     def is_canary(self) -> bool:
@@ -84,7 +88,7 @@ class RolloutContext:
     def to_dict(self) -> dict[str, Any]:
         """The flat, JSON-safe form carried by XCom and the bake trigger (unset fields left out)."""
         out: dict[str, Any] = {"mode": self.mode.value, "version": self.version}
-        for name in ("champion", "salt", "started_at", "actor", "revision", "reason"):
+        for name in ("champion", "salt", "started_at", "actor", "revision", "reason", "baseline_start"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -116,7 +120,8 @@ class RolloutContext:
                 plan=plan_from_dict(data["plan"]) if data.get("plan") else None,
                 endpoints=endpoints, started_at=data.get("started_at"), actor=data.get("actor"),
                 revision=_int(data["revision"], "revision") if data.get("revision") is not None else None,
-                live_check=data.get("live_check"), reason=data.get("reason"))
+                live_check=data.get("live_check"), reason=data.get("reason"),
+                baseline_start=data.get("baseline_start"))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidContext):
                 raise

@@ -144,7 +144,8 @@ def deploy_canary(settings: Settings, published: Mapping[str, Any], params: Mapp
         raise
     ctx = RolloutContext(RolloutMode.CANARY, version, champion=champion, salt=dep["salt"], plan=plan,
                          endpoints=endpoints, started_at=_applied_at(client, dep["revision"]), actor=actor,
-                         revision=dep["revision"], live_check=dep["live_check"])
+                         revision=dep["revision"], live_check=dep["live_check"],
+                         baseline_start=dep.get("baseline_start"))
     log.info("canary v%s at %g%% (revision %s) against champion v%s; plan %s: %s", version,
              plan.steps[0].percent, dep["revision"], champion, plan.name,
              ", ".join(f"{s.percent:g}% bake {s.bake_seconds:g}s (max {s.max_bake_seconds:g}s, "
@@ -196,8 +197,21 @@ def record_step(settings: Settings, ctx: RolloutContext, record: Mapping[str, An
     (log.warning if record["decision"] != "pass" else log.info)("\n".join(lines))
     summary = "; ".join([f"{record['decision']} at {final.get('elapsed_s', 0):.0f}s",
                          *[f"{c['name']}={c['phase']}" for c in checks]])
-    Registry(settings).set_tags(ctx.version, {f"{TAG_ROLLOUT}step{record['index']}": summary,
-                                              f"{TAG_ROLLOUT}percent": f"{record['percent']:g}"})
+    tags = {f"{TAG_ROLLOUT}step{record['index']}": summary, f"{TAG_ROLLOUT}percent": f"{record['percent']:g}"}
+    ctr = next((c.get("values") or {} for c in checks if c["name"] == "ctr"), {})
+    if ctr.get("adjusted_ratio") is not None:
+        tags[f"{TAG_ROLLOUT}step{record['index']}.ctr"] = ctr_tag(ctr)
+    Registry(settings).set_tags(ctx.version, tags)
+
+
+def ctr_tag(values: Mapping[str, Any]) -> str:
+    """The CTR test's numbers of a step, as its version tag shows them."""
+    def num(key: str, fmt: str) -> str:
+        v = values.get(key)
+        return "n/a" if v is None else format(v, fmt)
+    return (f"adjusted ratio {num('adjusted_ratio', '.3f')} (raw {num('raw_ratio', '.3f')}), upper bound "
+            f"{num('upper_bound', '.3f')}, baseline removed {num('variance_removed', '.0%')} of the variance, "
+            f"p {num('p_value', '.3g')}, groups {values.get('canary_groups')}/{values.get('control_groups')}")
 
 
 def step_failure_reason(record: Mapping[str, Any]) -> str:

@@ -4,8 +4,10 @@ Every change of who serves goes through one compare-and-swap route write with an
 a reason; every outcome is recorded as version tags and aliases in MLflow. The order of
 operations keeps the data plane and the registry in agreement at every instant:
 
-* deploy: load the champion's and the canary's pairs, check the canary live on the real
-  servers, set ``challenger``, then route the first step (nothing routed before it is proven);
+* deploy: load the champion's and the canary's pairs, switch the champion to the canary's
+  (fresher) seen-item history so both arms exclude the same items, check the canary live on
+  the real servers, set ``challenger``, then route the first step (nothing routed before it
+  is proven), keeping the champion-only table's salt (its pre-period is the CTR baseline);
 * rollback: route 100% to the champion first (one write, retried on a stale revision:
   a rollback must win), then drain, unload, tag, drop ``challenger``;
 * promote: route 100% to the new version with it as the stable fallback, then move the
@@ -150,6 +152,9 @@ def deploy_canary(settings: Settings, client: DataPlaneClient, version: int, fir
         load_pair(client, serving_pair(settings, champion))
         pair = serving_pair(settings, version)
         loaded = load_pair(client, pair)
+        from dayloop.rollout.seen_sync import share_seen  # both arms exclude the same history
+
+        share_seen(client, champion, pair)
         users = np.load(pair.model_file.parent / USER_IDS_FILE)
         check = live_check(client, version, users, p99_budget_ms=live_budget_ms)
     except DeployFailed:
@@ -160,16 +165,28 @@ def deploy_canary(settings: Settings, client: DataPlaneClient, version: int, fir
         unload_quietly(client, version)
         raise DeployFailed(f"version {version} failed its live check: " + "; ".join(check.problems))
     reg.set_alias(CHALLENGER, version)
-    salt = new_salt(version)
-    rev = write_routes(client, lambda _cur: canary_table(champion, version, first_percent, salt), actor,
-                       f"canary v{version} at {first_percent:g}% against champion v{champion}")
+    chosen: dict[str, str | None] = {}
+
+    def make_table(current: Revision | None) -> RouteTable:
+        # Keep the salt of the champion-only table: its users have been in the canary's future
+        # bucket groups since it was written, which is the CTR test's pre-period baseline. The
+        # salt is fresh per rollout all the same: every table that ends a rollout (promotion,
+        # rollback, manual rollback, bootstrap) draws a new one.
+        if current is not None and current.table.routed_versions() == {champion}:
+            chosen.update(salt=current.table.salt, since=current.created_at or None)
+        else:
+            chosen.update(salt=new_salt(version), since=None)
+        return canary_table(champion, version, first_percent, str(chosen["salt"]))
+
+    rev = write_routes(client, make_table, actor, f"canary v{version} at {first_percent:g}% against champion v{champion}")
+    salt = str(chosen["salt"])
     reg.set_tags(version, {f"{TAG_ROLLOUT}status": "canary", f"{TAG_ROLLOUT}salt": salt,
                            f"{TAG_ROLLOUT}percent": f"{first_percent:g}",
                            f"{TAG_ROLLOUT}live_p99_ms": f"{check.p99_ms:.2f}"})
     log.info("canary v%s live (p99 %.1f ms), routed %g%% at revision %s", version, check.p99_ms,
              first_percent, rev.revision)
     return {"version": version, "champion": champion, "salt": salt, "revision": rev.revision,
-            "live_check": check.as_dict(), "loaded": bool(loaded)}
+            "baseline_start": chosen["since"], "live_check": check.as_dict(), "loaded": bool(loaded)}
 
 
 class RolloutAborted(DayloopError):

@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from dayloop.errors import DayloopError
 from serving.router.buckets import LATENCY_BUCKETS
-from serving.routing import N_BUCKETS
+from serving.routing import N_BUCKETS, N_GROUPS
 
 # The router latency histogram's top finite bound: above it only +Inf remains, so a larger
 # p99 budget could never be judged.
@@ -308,6 +308,14 @@ class RolloutPlan(_PlanModel):
                                  f"(1 bucket = {100 / N_BUCKETS}%)")
         if self.steps[-1].percent != 100.0:
             raise ValueError(f"the last step must be 100%, got {self.steps[-1].percent}%")
+        # The CTR test's unit is the bucket group: a step must own whole groups, so that no
+        # group holds canary and control users at once.
+        per_group = 100 / N_GROUPS
+        for s in self.steps:
+            owned = s.percent / per_group
+            if abs(owned - round(owned)) > 1e-9:
+                raise ValueError(f"step {s.percent:g}% does not own whole bucket groups: steps must be "
+                                 f"multiples of {per_group:g}% ({N_GROUPS} groups, the unit of the CTR test)")
         # A zero margin turns "not worse than control" into "not worse at all": at production
         # counts a negligible true CTR drop would roll the canary back.
         if not self.thresholds.ctr_margin > 0:

@@ -280,3 +280,46 @@ def scrape_health(prom_url: str, *, start: datetime | None = None, end: datetime
     up = sum(targets.values())
     return {"targets": dict(sorted(targets.items())), "up": up, "total": len(targets),
             "healthy": bool(targets) and up == len(targets)}
+
+
+GROUP_COUNTERS = {
+    "impressions": "dayloop_router_group_impressions_total",
+    "clicks": "dayloop_router_group_clicks_total",
+}
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Impressions and clicks per bucket group over one window, summed over the given versions
+    and every router replica; ``NaN`` where no series reported the group (missing, not zero)."""
+
+    window_seconds: int
+    impressions: tuple[float, ...]
+    clicks: tuple[float, ...]
+
+
+def read_groups(prom_url: str, versions: list[int], start: datetime, end: datetime, *,
+                n_groups: int, scrape_interval_seconds: float = 1.0, timeout_s: float = DEFAULT_TIMEOUT_S
+                ) -> GroupCounts:
+    """Per-group counts of ``versions`` over ``[start, end]``: what the user-level CTR test reads.
+
+    A group's count sums every listed version (the user's group is the randomised unit; a
+    canary attempt answered by the stable version is still that group's list). The routers
+    create a group's series at 0 for each version routed to it, so a group with no series at
+    all is missing, not empty. Raises :class:`PrometheusUnavailable` like :func:`read_window`,
+    also for a group label outside ``0..n_groups-1``."""
+    window = window_seconds(start, end, scrape_interval_seconds)
+    selector = versions_selector(versions)
+    out: dict[str, list[float]] = {}
+    with connect(prom_url, timeout_s) as client:
+        for name, metric in GROUP_COUNTERS.items():
+            query = window_query(metric, selector, window, by="group")
+            values = [math.nan] * n_groups
+            for row in _query(client, query, end):
+                labels, value = _value(row, query)
+                raw = labels.get("group", "")
+                if not raw.isdigit() or int(raw) >= n_groups:
+                    raise PrometheusUnavailable(f"{metric} has a group label outside 0..{n_groups - 1}: {labels}")
+                values[int(raw)] = value
+            out[name] = values
+    return GroupCounts(window_seconds=window, impressions=tuple(out["impressions"]), clicks=tuple(out["clicks"]))

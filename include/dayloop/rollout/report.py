@@ -2,12 +2,18 @@
 against control, with every ramp step marked by its verdict, then the step-by-step analysis
 (final checks and every look). Logged to the canary version's MLflow run under ``rollout/``.
 
+Where simulated users run (a panel file, :func:`dayloop.simulation.truth.panel_path`), the
+report also sets the decision beside the truth: each version's expected clicks per list over
+the whole panel (:mod:`dayloop.simulation.truth`), and says whether the decision agrees.
+Production has no panel and the report has no such section.
+
 The time series come from Prometheus range queries over the routers' raw counters. They are
 for reading, not deciding: the verdicts shown are the ones the analysis reached from exact
 per-step windows (:mod:`dayloop.rollout.prom`), never recomputed from these curves.
 
-Module import stays light (stdlib and the stdlib-only ``serving.fileio``): matplotlib and the Prometheus client load inside
-the functions that need them, so a DAG file importing this module parses fast.
+Module import stays light (stdlib and the stdlib-only ``serving.fileio``): matplotlib, the
+Prometheus client and the truth (numpy, torch) load inside the functions that need them, so
+a DAG file importing this module parses fast.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "rollout_report.html"
 METRICS_PNG = "rollout_metrics.png"
+TRUTH_FILE = "truth.json"
 ARTIFACT_PATH = "rollout"
 
 # Rows of the figure, in order: (key, axis label).
@@ -266,6 +274,11 @@ def _clock(value: Any) -> str:
     return t.astimezone(timezone.utc).strftime("%H:%M:%S") if t else str(value or "–")
 
 
+def _final_analysis(step: Mapping) -> Mapping:
+    # The operator's step record may carry the final look whole, under "result".
+    return step.get("analysis") or (step.get("result") or {}).get("analysis") or {}
+
+
 def _step_section(step: Mapping) -> str:
     e = html.escape
     index = step.get("index")
@@ -275,8 +288,7 @@ def _step_section(step: Mapping) -> str:
     took = f" ({(t1 - t0).total_seconds():.0f} s)" if t0 and t1 else ""
     out = [f"<h3 class='{PHASE_CSS.get(str(step.get('decision')), 'other')}'>{title}</h3>",
            f"<p>{e(str(step.get('started_at') or '–'))} &rarr; {e(str(step.get('ended_at') or '–'))}{e(took)}</p>"]
-    # The operator's step record may carry the final look whole, under "result".
-    analysis = step.get("analysis") or (step.get("result") or {}).get("analysis")
+    analysis = _final_analysis(step)
     if analysis:
         out.append(f"<p>final analysis: <b>{e(str(analysis.get('phase', '?')))}</b></p>")
         out.append("<table class='checks'><tr><th>check</th><th>phase</th><th>message</th></tr>")
@@ -302,11 +314,36 @@ def _step_section(step: Mapping) -> str:
     return "\n".join(out)
 
 
+def failed_checks(steps: Sequence[Mapping]) -> list[str]:
+    """Names of the verdict checks (advisory ones left out) that failed the rollout's failed
+    step; empty when no step failed or it failed without a failing check (inconclusive too long)."""
+    failed = [s for s in steps if s.get("decision") == "fail"]
+    if not failed:
+        return []
+    checks = _final_analysis(failed[-1]).get("checks") or []
+    return [str(c.get("name")) for c in checks if c.get("phase") == "fail" and not c.get("advisory")]
+
+
+def _truth_section(truth: Mapping | None) -> str:
+    if truth is None:
+        return ""
+    e = html.escape
+    if "sentence" not in truth:
+        return f"<h2>Truth (simulated users)</h2><p class='missing'>Truth not computed: {e(str(truth.get('error')))}.</p>"
+    css = {True: "pass", False: "fail"}.get(truth.get("agrees"), "aborted")
+    return (f"<h2>Truth (simulated users)</h2><p class='{css}'><b>{e(str(truth['sentence']))}</b></p>"
+            "<p class='note'>Each version's expected clicks per list under the simulator's click model, "
+            "over every panel user (the simulator draws them uniformly), from the version's own bundle "
+            "and top-k by exact inner product: what the CTR test estimates, without sampling noise.</p>")
+
+
 def render_report(out_dir: Path, rollout: Mapping, steps: Sequence[Mapping],
-                  series: Mapping | None) -> Path:
+                  series: Mapping | None, truth: Mapping | None = None) -> Path:
     """Write ``rollout_report.html`` (standalone, plot inlined) and ``rollout_metrics.png`` to
     ``out_dir``; return the HTML path. ``series=None`` (no Prometheus) gives the report without
-    the plot, saying why (``rollout["plots_missing"]`` when set)."""
+    the plot, saying why (``rollout["plots_missing"]`` when set). ``truth`` (a
+    :class:`~dayloop.simulation.truth.TruthVerdict` as dict, or ``{"error": ...}``) adds the
+    truth section and ``truth.json``; None (production) adds neither."""
     e = html.escape
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,22 +388,52 @@ img {{ max-width: 100%; }}
 <p class="note">generated {e(datetime.now(timezone.utc).isoformat(timespec="seconds"))}</p>
 <h2>Summary</h2>
 {_summary(rollout, steps)}
+{_truth_section(truth)}
 <h2>Metrics, canary vs control</h2>
 {plot}
 <h2>Steps</h2>
 {chr(10).join(_step_section(s) for s in steps) or "<p>no step ran</p>"}
 </body></html>
 """
+    truth_path = out_dir / TRUTH_FILE
+    if truth is not None:
+        atomic_write_text(truth_path, json.dumps(dict(truth), indent=2, sort_keys=True) + "\n")
+    else:
+        truth_path.unlink(missing_ok=True)
     path = out_dir / REPORT_FILE
     # Readers (the MLflow upload, a person refreshing the page) never see half a file.
     atomic_write_text(path, doc)
     return path
 
 
+def rollout_truth(settings, rollout: Mapping, steps: Sequence[Mapping],
+                  panel_file: Path | None = None) -> dict | None:
+    """The truth beside the rollout's decision (a TruthVerdict as dict), None where there is
+    no panel file or no control, ``{"error": ...}`` when it could not be computed."""
+    from dayloop.simulation.truth import judge_rollout, panel_path
+
+    try:
+        path = Path(panel_file) if panel_file is not None else panel_path(settings)
+        if rollout.get("champion") is None or not path.is_file():
+            return None
+        margin = (rollout.get("plan") or {}).get("thresholds", {})["ctr_margin"]
+        verdict = judge_rollout(settings, int(rollout["version"]), int(rollout["champion"]), margin,
+                                str(rollout.get("outcome")), failed_checks(steps), panel_file=path)
+    except Exception as exc:  # noqa: BLE001 - the truth is extra: it must never cost the report
+        log.warning("truth of the rollout of v%s not computed: %s", rollout.get("version"), exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if verdict is None:  # the panel went away in between
+        return None
+    log.info("truth: %s", verdict.sentence)
+    return verdict.as_dict()
+
+
 def write_and_log_report(settings, prom_url: str | None, rollout: Mapping, steps: Sequence[Mapping],
-                         out_dir: Path) -> dict:
+                         out_dir: Path, panel_file: Path | None = None) -> dict:
     """Fetch the series around the steps, render the report into ``out_dir`` and log that
-    folder to the canary version's MLflow run; ``{"html", "artifact_uri", "plots"}``."""
+    folder to the canary version's MLflow run; ``{"html", "artifact_uri", "plots", "truth"}``.
+    ``truth`` is None unless simulated users ran (``panel_file``, by default the deployment's
+    :func:`~dayloop.simulation.truth.panel_path`)."""
     from dayloop.registry import Registry
     from dayloop.rollout.prom import PrometheusUnavailable
 
@@ -387,6 +454,8 @@ def write_and_log_report(settings, prom_url: str | None, rollout: Mapping, steps
             why = f"Prometheus was unreachable ({exc})"
     if why:
         log.warning("rollout report of v%s without plots: %s", rollout.get("version"), why)
-    path = render_report(Path(out_dir), {**rollout, "plots_missing": why} if why else rollout, steps, series)
+    truth = rollout_truth(settings, rollout, steps, panel_file)
+    path = render_report(Path(out_dir), {**rollout, "plots_missing": why} if why else rollout, steps, series,
+                         truth)
     uri = Registry(settings).log_artifacts(rollout["version"], Path(out_dir), ARTIFACT_PATH)
-    return {"html": str(path), "artifact_uri": uri, "plots": series is not None}
+    return {"html": str(path), "artifact_uri": uri, "plots": series is not None, "truth": truth}

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 from dayloop.rollout.analysis.checks import (
     check_ctr,
+    check_ctr_users,
     check_error_ratio,
     check_error_vs_control,
     check_nonfinite,
@@ -44,11 +45,13 @@ from dayloop.rollout.analysis.ctr import (
     naive_fixed_horizon_pvalue,
     update_ctr_state,
 )
+from dayloop.rollout.analysis.grouped import GroupCtrState, GroupWindow, StepGroups
 from dayloop.rollout.analysis.inputs import Histogram, Thresholds, VersionWindow, monotone_cumulative
 from dayloop.rollout.analysis.verdict import FAIL, INCONCLUSIVE, PASS, Analysis, Check, Phase, worst_phase
 
 __all__ = [
-    "ADVISORY_CHECKS", "FAIL", "INCONCLUSIVE", "PASS", "Analysis", "Check", "CtrBatch", "CtrState", "Histogram",
+    "ADVISORY_CHECKS", "FAIL", "INCONCLUSIVE", "PASS", "Analysis", "Check", "CtrBatch", "CtrState", "GroupCtrState",
+    "GroupWindow", "Histogram", "StepGroups",
     "Phase", "Thresholds", "VersionWindow", "analyse", "ctr_log_evidence", "ctr_ratio_upper_bound",
     "histogram_quantile", "monotone_cumulative", "naive_fixed_horizon_pvalue", "update_ctr_state", "worst_phase",
 ]
@@ -62,8 +65,8 @@ ADVISORY_CHECKS = ("score_drift",)
 
 
 def analyse(canary: VersionWindow, control: VersionWindow | None, thresholds: Thresholds | None = None,
-            cumulative: CtrState | None = None, *, step: str | int | None = None,
-            advisory: Iterable[str] = ADVISORY_CHECKS) -> Analysis:
+            cumulative: CtrState | GroupCtrState | None = None, *, step: str | int | None = None,
+            advisory: Iterable[str] = ADVISORY_CHECKS, users: StepGroups | None = None) -> Analysis:
     """Judge the canary against control over one step's window.
 
     Checks: ``nonfinite``, ``error_ratio``, ``latency_p99`` (absolute), and when a control
@@ -78,6 +81,11 @@ def analyse(canary: VersionWindow, control: VersionWindow | None, thresholds: Th
     (None at the first); ``step`` names the step whose window this is, so that a second look
     at a growing window counts only the new part (None: the window is disjoint from every
     earlier one). The returned :class:`Analysis` carries the state for the next look.
+
+    ``users`` switches the CTR check to the test at the randomisation unit (bucket groups with
+    the pre-period baseline, :mod:`.grouped`); ``cumulative`` must then be its
+    :class:`GroupCtrState`. This is what a rollout decides by; without ``users`` the
+    impression-level test runs, which assumes independent impressions (kept for comparison).
     Raises ValueError only for a misuse (test settings changed mid-rollout, a step revisited).
     """
     t = thresholds or Thresholds()
@@ -86,7 +94,14 @@ def analyse(canary: VersionWindow, control: VersionWindow | None, thresholds: Th
     if control is not None:
         checks += [check_error_vs_control(canary, control, t), check_p99_vs_control(canary, control, t),
                    check_score_drift(canary, control, t)]
-        ctr_check, state = check_ctr(canary, control, t, cumulative, step)
+        if users is not None:
+            if not isinstance(cumulative, GroupCtrState):
+                raise ValueError("the user-level CTR test needs its GroupCtrState (with the baseline)")
+            ctr_check, state = check_ctr_users(users.step, users.post, users.canary, t, cumulative)
+        else:
+            if isinstance(cumulative, GroupCtrState):
+                raise ValueError("a GroupCtrState needs the step's group counts (users=...)")
+            ctr_check, state = check_ctr(canary, control, t, cumulative, step)
         checks.append(ctr_check)
     advisory = set(advisory)
     checks = [replace(c, advisory=True) if c.name in advisory else c for c in checks]

@@ -2,7 +2,9 @@
 :class:`~dayloop.rollout.analysis.verdict.Check` with its numbers: non-finite outputs, the
 error ratio (absolute and against control), the p99 latency (absolute and against control,
 read from Prometheus histograms the way ``histogram_quantile`` does), the score drift and
-the CTR test (:mod:`dayloop.rollout.analysis.ctr`).
+the CTR test: at the randomisation unit with a pre-period baseline
+(:mod:`dayloop.rollout.analysis.grouped`, what the rollout decides by), or per impression
+(:mod:`dayloop.rollout.analysis.ctr`, kept for comparison: it assumes independent impressions).
 
 A missing series, an invalid number or too few samples makes a check ``inconclusive``,
 never ``pass``. scipy loads inside the functions that use it.
@@ -16,6 +18,8 @@ import numpy as np
 
 from dayloop.quality.stats import psi_from_counts
 from dayloop.rollout.analysis.ctr import CtrState, ctr_ratio_upper_bound, update_ctr_state
+from dayloop.rollout.analysis.grouped import GroupCtrState, GroupWindow
+from dayloop.rollout.analysis.grouped import update as grouped_update
 from dayloop.rollout.analysis.inputs import Histogram, Thresholds, VersionWindow, why_unusable
 from dayloop.rollout.analysis.verdict import FAIL, INCONCLUSIVE, PASS, Check
 
@@ -344,3 +348,36 @@ def check_ctr(canary: VersionWindow, control: VersionWindow, t: Thresholds, stat
 
 # Checks reported with every look but left out of the verdict. Score drift compares two
 # different models' raw top-1 scores: a healthy retrain moves their scale (measured PSI 0.7-6
+
+
+def check_ctr_users(step: int, post: GroupWindow, canary: np.ndarray, t: Thresholds,
+                    state: GroupCtrState) -> tuple[Check, GroupCtrState]:
+    """The CTR guardrail at the randomisation unit (:mod:`dayloop.rollout.analysis.grouped`):
+    fail once any step's always-valid evidence that the canary is worse than the margin
+    reaches its share of alpha; pass when judged, not rejected and both arms have the step's
+    minimum impressions; else inconclusive (missing groups, no baseline, too few lists)."""
+    name = "ctr"
+    if (state.margin, state.alpha) != (t.ctr_margin, t.alpha):
+        raise ValueError(f"CTR test settings changed during the rollout: state margin/alpha {state.margin}/"
+                         f"{state.alpha}, thresholds {t.ctr_margin}/{t.alpha}")
+    state, est, why = grouped_update(state, step, post, canary, t.min_impressions)
+    floor = 1.0 - t.ctr_margin
+    record = state.steps.get(str(step))
+    p = state.p_value
+    base: dict[str, float | int | str | bool | None] = {"unit": "bucket group", "p_value": p, "alpha": t.alpha,
+                                                        "floor": floor, "looks": state.looks}
+    if est is None:
+        earlier = f"rejected earlier (p = {p:.3g}); now " if state.rejected else ""
+        return Check(name, FAIL if state.rejected else INCONCLUSIVE, earlier + str(why), base), state
+    upper = math.exp(record.min_upper_log) if record is not None else math.inf
+    values = {**base, **est.as_dict(), "rate_ratio": est.ratio, "upper_bound": upper,
+              "step_alpha": record.alpha if record else None}
+    text = (f"user-level CTR ratio canary/control {est.ratio:.3f} adjusted by the pre-period baseline "
+            f"(raw {est.raw_ratio:.3f}; the baseline removed {est.variance_removed:.0%} of the variance, "
+            f"theta {est.theta:.2f}) over {est.canary_groups} vs {est.control_groups} groups, "
+            f"{est.canary_impressions:g} vs {est.control_impressions:g} lists; always-valid upper bound "
+            f"{upper:.3f} at this step's alpha {values['step_alpha']:.3g}, p = {p:.3g} for "
+            f"'worse than {floor:.2f} x control'")
+    if state.rejected:
+        return Check(name, FAIL, f"{text} <= alpha {t.alpha:g}", values), state
+    return Check(name, PASS, f"{text} > alpha {t.alpha:g}", values), state
