@@ -111,6 +111,8 @@ def _failed(world) -> dict:
 
 def test_a_healthy_canary_is_promoted_through_every_step(world):
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
+    # The champion-only period is the CTR test's baseline: let the users fill it first.
+    time.sleep(20.0)
     before = client.router.routes()
     ctx = controller.deploy_canary(s, {"version": v[1], "alias": "challenger"}, FAST, "test")
     assert ctx.mode == "canary" and ctx.champion == v[0]
