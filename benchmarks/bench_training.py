@@ -2,13 +2,14 @@
 
 Lands the MovieLens replay into DAYLOOP_HOME, builds the feature set of one held-out
 day with Spark (local[2]) and trains with the default TrainParams (one torch thread).
-Prints examples/s, seconds per epoch and the loss curve; as the baseline measured in
+Prints examples/s, seconds per epoch and the loss curve; as the baselines measured in
 the same run, one epoch with torch's default thread count (one per core), giving the
-throughput ratio default / all-cores, plus the ratio of the whole run to the 120 s
-budget. No asserts: it reports.
+throughput ratio default / all-cores, and (``--legacy``) the whole run with the model
+before issue 9 (``LEGACY``), giving the train-time ratio new / legacy (issue 9 allows at
+most 2x), plus the ratio of the whole run to the 120 s budget. No asserts: it reports.
 
     .venv/bin/python benchmarks/bench_training.py                       # temp home
-    .venv/bin/python benchmarks/bench_training.py --home /tmp/dl --ds 2026-11-03
+    .venv/bin/python benchmarks/bench_training.py --home /tmp/dl --ds 2026-11-03 --legacy
 
 Reusing ``--home`` skips landing and feature building that are already done.
 """
@@ -25,6 +26,16 @@ from pathlib import Path
 
 BUDGET_S = 120.0
 REPLAY_START = "2026-11-01"
+# today's model before issue 9 parts E/F (in-batch softmax with logQ, mean-pooled history,
+# no popularity prior, no row weighting, no gate holdout): the training-time baseline
+LEGACY = {
+    "loss": "in_batch",
+    "logq_weight": 2.0,
+    "popularity_windows": (),
+    "history_pooling": "mean",
+    "user_day_weight": 0.0,
+    "gate_holdout_share": 0.0,
+}
 
 
 def prepare_real_features(home: Path, days: list[dt.date], master: str = "local[2]") -> dict[dt.date, Path]:
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.num_threads, help="torch threads")
     parser.add_argument("--max-train-rows", type=int, default=None)
     parser.add_argument("--skip-baseline", action="store_true", help="skip the all-cores epoch")
+    parser.add_argument("--legacy", action="store_true", help="also train the pre-issue-9 model (LEGACY)")
     args = parser.parse_args(argv)
 
     from dataclasses import replace
@@ -104,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: {m['train_seconds']:.1f} s, {m['seconds_per_epoch']:.1f} s/epoch, "
           f"{m['examples_per_s']:,.0f} examples/s")
     print(f"whole call (load + train + export): {wall:.1f} s = {wall / BUDGET_S:.2f} x the {BUDGET_S:.0f} s budget")
+
+    if args.legacy:
+        t0 = time.perf_counter()
+        old = train_two_tower(features, home / "bench_models" / f"ds={ds}-legacy", replace(params, **LEGACY))
+        old_wall = time.perf_counter() - t0
+        print(f"legacy model {LEGACY}: train {old.metrics['train_seconds']:.1f} s "
+              f"({old.metrics['seconds_per_epoch']:.1f} s/epoch), whole call {old_wall:.1f} s -> "
+              f"train-time ratio new / legacy {m['train_seconds'] / old.metrics['train_seconds']:.2f}, "
+              f"whole call {wall / old_wall:.2f}")
 
     if not args.skip_baseline:
         base = train_two_tower(

@@ -7,14 +7,16 @@ previous ones left, as a real deployment would):
 1. the scheduler's own run bootstraps v1, which the DAG puts on 100% of users;
 2. a healthy challenger is promoted through every step, with the scheduler and triggerer
    restarted while a step bakes (the deferred bake resumes and finishes);
-3-5. a canary emitting NaN / with added latency / with an error rate is rolled back;
-6. a model that passes the offline gate but serves the wrong users (planted training-serving
+3. A/A: the champion's own bundle registered again (a planted case) is promoted by the demo
+   profile's CTR test, not rolled back by a false alarm;
+4-6. a canary emitting NaN / with added latency / with an error rate is rolled back;
+7. a model that passes the offline gate but serves the wrong users (planted training-serving
    skew) is rolled back by the online CTR test;
-7. too little traffic: inconclusive, bakes to its maximum, fails safe;
-8. a run marked failed by a person while its canary bakes never reaches its rollback task;
+8. too little traffic: inconclusive, bakes to its maximum, fails safe;
+9. a run marked failed by a person while its canary bakes never reaches its rollback task;
    the run listener (plugins/) puts the champion back;
-9. a manual rollback during a ramp wins; a rollback to an unknown version is refused;
-10. malformed Params are refused and create no run.
+10. a manual rollback during a ramp wins; a rollback to an unknown version is refused;
+11. malformed Params are refused and create no run.
 
 Each asserts the route table, the aliases, the version tags and zero failed user requests.
 """
@@ -44,7 +46,10 @@ FAST = {"bake_seconds": [15, 15, 12], "max_bake_seconds": [90, 90, 90],
         "min_requests": [20, 60, 80], "min_impressions": [20, 60, 80]}
 # Margin for the small synthetic world (see tests/integration/test_daily_refresh_dagtest.py).
 BASE = {"noninferiority_margin": 0.3, "rollout_profile": "demo"}
-SCENARIOS = ["healthy", "nan", "latency", "errors", "worse", "starved", "killed", "manual"]
+SCENARIOS = ["aa", "healthy", "nan", "latency", "errors", "worse", "starved", "killed", "manual"]
+# The replay calendar starts at the healthy day whatever scenarios come before it, so each
+# day keeps its synthetic data when a scenario is added (the A/A day is a history day).
+CALENDAR_START = "healthy"
 # Longer than the stack start plus the scheduled bootstrap run (test 1) take on 2 cores.
 MIDNIGHT_GUARD_S = 12 * 60
 
@@ -102,6 +107,7 @@ def loop(tmp_path_factory):
     days = {"bootstrap": today - dt.timedelta(days=1), "refused": today}
     days.update({name: first + dt.timedelta(days=i) for i, name in enumerate(SCENARIOS)})
     assert days["manual"] == today - dt.timedelta(days=2)
+    assert days[CALENDAR_START] == today - dt.timedelta(days=9)
     alerts = AlertSink()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "DAYLOOP"))}
     env.update({
@@ -111,9 +117,9 @@ def loop(tmp_path_factory):
         "DAYLOOP_SOURCE": "synthetic",
         "DAYLOOP_TRAIN_WINDOW_DAYS": "14",
         "DAYLOOP_SYNTH_USERS": "1500",
-        "DAYLOOP_REPLAY_START": first.isoformat(),
+        "DAYLOOP_REPLAY_START": days[CALENDAR_START].isoformat(),
         "DAYLOOP_ROLLOUT_PROFILE": "demo",
-        "DAYLOOP_PLANT_FAULTS": f"{days['worse']}:serving_skew",
+        "DAYLOOP_PLANT_FAULTS": f"{days['worse']}:serving_skew,{days['aa']}:champion_copy",
         "AIRFLOW_CONN_DAYLOOP_ALERT_WEBHOOK": json.dumps({"conn_type": "http", "host": alerts.url}),
         "AIRFLOW__CORE__PARALLELISM": "2",
     })
@@ -341,21 +347,39 @@ def test_2_a_healthy_challenger_is_promoted_across_a_scheduler_and_triggerer_res
     assert _user_failures(loop) == {}
 
 
-def test_3_a_challenger_emitting_nan_is_rolled_back_at_the_first_step(loop, registry):
+def test_3_an_aa_canary_the_champions_own_bundle_is_promoted_by_the_ctr_test(loop, registry):
+    champion = int(registry.alias_version("champion").version)
+    run = _trigger(loop, "aa")  # the demo profile as is, CTR test included
+    done = _finish(loop, run)
+    assert done["state"] == "success", _failure_log(loop)
+    copy = _day_version(loop, registry, "aa")
+    assert copy is not None and copy != champion
+    tags = dict(registry.get_version(copy).tags)
+    assert tags["gate.offline.decision"] == "pass", tags
+    assert tags["dayloop.rollout.status"] == "promoted", tags
+    ctr_steps = [k for k in tags if k.startswith("dayloop.rollout.step") and k.endswith(".ctr")]
+    assert ctr_steps and all("adjusted ratio" in tags[k] for k in ctr_steps), tags
+    assert _only(loop) == copy
+    assert int(registry.alias_version("champion").version) == copy
+    assert int(registry.alias_version("previous").version) == champion
+    assert _user_failures(loop) == {}
+
+
+def test_4_a_challenger_emitting_nan_is_rolled_back_at_the_first_step(loop, registry):
     canary = _fault_scenario(loop, registry, "nan", {"nan_rate": 1.0}, "nonfinite")
     tags = dict(registry.get_version(canary).tags)
     assert tags["dayloop.rollout.step0"].startswith("fail") and "dayloop.rollout.step1" not in tags
 
 
-def test_4_added_latency_on_the_canary_is_rolled_back(loop, registry):
+def test_5_added_latency_on_the_canary_is_rolled_back(loop, registry):
     _fault_scenario(loop, registry, "latency", {"latency_ms": 150}, "latency_p99")
 
 
-def test_5_an_error_rate_on_the_canary_is_rolled_back(loop, registry):
+def test_6_an_error_rate_on_the_canary_is_rolled_back(loop, registry):
     _fault_scenario(loop, registry, "errors", {"error_rate": 0.5}, "error_ratio")
 
 
-def test_6_a_worse_model_that_passes_the_offline_gate_is_rolled_back_by_the_ctr_test(loop, registry):
+def test_7_a_worse_model_that_passes_the_offline_gate_is_rolled_back_by_the_ctr_test(loop, registry):
     champion = int(registry.alias_version("champion").version)
     run = _trigger(loop, "worse")  # the demo profile as is: its windows are sized for the CTR test
     done = _finish(loop, run)
@@ -366,7 +390,7 @@ def test_6_a_worse_model_that_passes_the_offline_gate_is_rolled_back_by_the_ctr_
     _assert_rolled_back(loop, registry, run, version, champion, "ctr")
 
 
-def test_7_too_little_traffic_is_inconclusive_bakes_longer_then_fails_safe(loop, registry):
+def test_8_too_little_traffic_is_inconclusive_bakes_longer_then_fails_safe(loop, registry):
     champion = int(registry.alias_version("champion").version)
     run = _trigger(loop, "starved", {"min_requests": 100000, "min_impressions": 100000,
                                      "bake_seconds": 10, "max_bake_seconds": 25})
@@ -376,7 +400,7 @@ def test_7_too_little_traffic_is_inconclusive_bakes_longer_then_fails_safe(loop,
     assert "too few" in tags["dayloop.rollout.reason"]
 
 
-def test_8_a_run_marked_failed_while_it_bakes_is_cleared_by_the_run_listener(loop, registry):
+def test_9_a_run_marked_failed_while_it_bakes_is_cleared_by_the_run_listener(loop, registry):
     champion = int(registry.alias_version("champion").version)
     run = _trigger(loop, "killed", {**FAST, "bake_seconds": [120, 60, 60], "max_bake_seconds": [240, 120, 120]})
     canary = _wait(lambda: _canary(loop), 900, "the canary to be routed")
@@ -402,7 +426,7 @@ def test_8_a_run_marked_failed_while_it_bakes_is_cleared_by_the_run_listener(loo
     assert _user_failures(loop) == {}
 
 
-def test_9_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(loop, registry):
+def test_10_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(loop, registry):
     from airflow_rest import AirflowApiError
 
     api = _api(loop)
@@ -451,7 +475,7 @@ def test_9_a_manual_rollback_during_a_ramp_wins_and_bad_requests_change_nothing(
     assert _user_failures(loop) == {}
 
 
-def test_10_a_bad_param_is_refused_and_creates_no_run(loop):
+def test_11_a_bad_param_is_refused_and_creates_no_run(loop):
     from airflow_rest import AirflowApiError
 
     api = _api(loop)

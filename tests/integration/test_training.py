@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,56 @@ def test_gate_rejects_corrupted_model_and_accepts_second_seed(trained: dict) -> 
 
     boot = gate_model(trained["b"].bundle_dir, None, features, root / "report_boot", thresholds)
     assert boot.decision.passed and boot.decision.bootstrap
+
+
+def test_gate_pools_the_user_holdout_only_when_both_models_share_it(trained: dict, tmp_path: Path) -> None:
+    from dayloop.quality.offline_gate import GateThresholds, gate_model
+    from dayloop.training.bundle import ModelBundle
+    from dayloop.training.holdout import HoldoutSpec
+    from dayloop.training.train import TrainParams, train_two_tower
+
+    # every synthetic user is active on the held-out day: keep a quarter of them there, so
+    # held-out users outside it have something to add
+    features = tmp_path / "features"
+    shutil.copytree(trained["features"], features)
+    day = pd.read_parquet(features / "eval.parquet")
+    day.iloc[::4].to_parquet(features / "eval.parquet", index=False)
+    n_day = len(day.iloc[::4])
+    spec = HoldoutSpec.from_meta(ModelBundle.load(trained["a"].bundle_dir).meta)
+    assert spec == TrainParams().holdout and spec.active
+    thresholds = GateThresholds(latency_budget_ms=1000.0)
+    pooled = gate_model(trained["b"].bundle_dir, trained["a"].bundle_dir, features, tmp_path / "pooled", thresholds)
+    n_pooled = int(pooled.decision.metrics["n_eval_users"])
+    assert n_pooled > n_day, pooled.decision.reasons
+    assert any("held-out users of the last 7 days" in r for r in pooled.decision.reasons)
+    assert pooled.decision.passed, pooled.decision.reasons
+    # a champion trained on every row saw the held-out users' rows: the gate falls back
+    full = train_two_tower(features, tmp_path / "full", TrainParams(seed=1, gate_holdout_share=0.0, **FAST))
+    day_only = gate_model(trained["b"].bundle_dir, full.bundle_dir, features, tmp_path / "day", thresholds)
+    assert int(day_only.decision.metrics["n_eval_users"]) == n_day
+    assert any("held-out day only" in r for r in day_only.decision.reasons)
+    off = gate_model(trained["b"].bundle_dir, None, features, tmp_path / "off", replace(thresholds, pool_holdout=False))
+    assert int(off.decision.metrics["n_eval_users"]) == n_day
+    # the held-out rows were not trained on
+    train = pd.read_parquet(features / "train.parquet")
+    assert trained["a"].meta["gate_holdout"]["held_out_rows"] > 0
+    assert trained["a"].metrics["n_train_examples"] == len(train) - trained["a"].meta["gate_holdout"]["held_out_rows"]
+    assert full.metrics["n_train_examples"] == len(train)
+
+
+def test_popularity_codes_are_point_in_time() -> None:
+    from dayloop.training.train import popularity_tables
+
+    # item 1 on day 0 (3x), item 2 on day 2 (1x); 2 items, 3 days
+    codes = popularity_tables(np.array([1, 1, 1, 2]), np.array([0, 0, 0, 2]), n_days=3, n_items=2,
+                              windows=(1, 7), n_buckets=32)
+    assert codes.shape == (4, 3, 2)
+    assert (codes[:, 0, :] == 0).all()  # the padding item keeps code 0
+    assert (codes[0, 1:, :] == 1).all()  # day 0 sees nothing before it
+    assert codes[1, 1, 0] > 1 and codes[1, 2, 0] == 1  # day 1 sees day 0: item 1 only
+    assert codes[2, 1, 0] == 1 and codes[2, 1, 1] > 1  # 1-day window forgets day 0, 7-day keeps it
+    assert codes[2, 2, 0] == 1  # day 2's own event is not visible on day 2
+    assert codes[3, 2, 0] > 1  # ... but at export (day 3)
 
 
 def test_check_exported_model_good_and_corrupted(trained: dict, tmp_path: Path) -> None:

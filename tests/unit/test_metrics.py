@@ -11,9 +11,18 @@ import pytest
 from dayloop.training.evaluate import (
     evaluate_bundle,
     evaluate_popularity,
+    evaluate_scores,
     popularity_ranking,
+    recent_popularity,
     top1_score_sample,
     window_histories,
+)
+from dayloop.training.holdout import (
+    HoldoutSpec,
+    held_out_rows,
+    held_out_users,
+    holdout_eval_frame,
+    pooled_eval_frame,
 )
 from dayloop.training.metrics import (
     aggregate,
@@ -117,6 +126,81 @@ def test_popularity_baseline_hand_computed() -> None:
     # user 7 (seen 10): ranking [20, 30, 40] -> 30 at rank 2 of targets {30, 40}
     u7 = out.iloc[1]
     assert u7["recall@2"] == 0.5 and u7["ndcg@2"] == pytest.approx(D2 / (D1 + D2))
+
+
+def _train_df() -> pd.DataFrame:
+    """Window [Nov 1, Nov 11): item 10 popular long ago, 40 and 30 in the last days."""
+    day = lambda d, h=12: pd.Timestamp(2026, 11, d, h, tz="UTC")  # noqa: E731
+    rows = [(1, 10, day(1)), (2, 10, day(1)), (3, 10, day(2)), (4, 10, day(2)),
+            (1, 40, day(9)), (2, 40, day(10)), (5, 40, day(10)), (3, 30, day(10)), (4, 20, day(3))]
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"])
+    df["hist"] = [[] for _ in range(len(df))]
+    return df
+
+
+def test_recent_popularity_counts_the_last_days_and_breaks_ties_by_the_window() -> None:
+    end = pd.Timestamp(2026, 11, 11, tz="UTC")
+    pop = recent_popularity(_train_df(), end, days=3)
+    counts = dict(zip(pop["item_id"], pop["count"], strict=True))
+    assert counts == {10: 0, 40: 3, 30: 1, 20: 0}
+    # 40 and 30 lead; 10 (4 in the window) before 20 (1) although neither is recent
+    assert popularity_ranking(pop).tolist() == [40, 30, 10, 20]
+    # all-time ranking for comparison: 10 first
+    assert popularity_ranking(recent_popularity(_train_df(), end, days=None)).tolist()[0] == 10
+    dropped = recent_popularity(_train_df(), end, days=3, exclude=(_train_df()["item_id"] == 40).to_numpy())
+    assert 40 not in dropped["item_id"].tolist()
+    with pytest.raises(ValueError, match="days must be positive"):
+        recent_popularity(_train_df(), end, days=0)
+    with pytest.raises(ValueError, match="lacks column 'ts'"):
+        recent_popularity(_train_df().drop(columns="ts"), end)
+
+
+def test_evaluate_scores_matches_the_popularity_evaluator() -> None:
+    pop = pd.DataFrame({"item_id": [40, 10, 30, 20], "count": [2, 5, 3, 4]})
+    items = np.array([10, 20, 30, 40])
+    scores = np.array([5.0, 4.0, 3.0, 2.0])
+    out = evaluate_scores(items, lambda seen: np.tile(scores, (len(seen), 1)), _eval_df(), ks=(1, 2))
+    pd.testing.assert_frame_equal(out, evaluate_popularity(pop, _eval_df(), ks=(1, 2)))
+    with pytest.raises(ValueError, match="score_fn returned"):
+        evaluate_scores(items, lambda seen: np.zeros((len(seen), 3)), _eval_df())
+
+
+def test_holdout_users_are_a_fixed_share_and_their_recent_rows_are_held_out() -> None:
+    ids = np.arange(1, 20_001)
+    mask = held_out_users(ids, 0.25)
+    assert 0.23 < mask.mean() < 0.27  # the hash spreads consecutive ids
+    np.testing.assert_array_equal(mask, held_out_users(ids, 0.25))  # same users every call
+    assert not held_out_users(ids, 0.0).any()
+    train = _train_df()
+    end = pd.Timestamp(2026, 11, 11, tz="UTC")
+    spec = HoldoutSpec(days=3, share=0.999)  # every user: only the last 3 days' rows go
+    held = held_out_rows(train, end, spec)
+    assert held.tolist() == [False] * 4 + [True, True, True, True, False]
+    assert not held_out_rows(train, end, HoldoutSpec(days=0, share=0.5)).any()
+    with pytest.raises(ValueError, match="share"):
+        HoldoutSpec(days=3, share=1.0)
+    assert HoldoutSpec.from_meta({"gate_holdout": spec.as_dict()}) == spec
+    assert HoldoutSpec.from_meta({}) is None
+
+
+def test_holdout_eval_frame_uses_the_last_active_day_point_in_time() -> None:
+    train = _train_df()
+    train.loc[4, "hist"] = [10]  # user 1 on Nov 9: history before that day
+    end = pd.Timestamp(2026, 11, 11, tz="UTC")
+    frame = holdout_eval_frame(train, end, HoldoutSpec(days=3, share=0.999), history_length=5)
+    assert frame["user_id"].tolist() == [1, 2, 3, 5]
+    row = frame.set_index("user_id")
+    assert row.loc[1, "targets"].tolist() == [40] and row.loc[1, "seen"].tolist() == [10]
+    assert row.loc[1, "hist"].tolist() == [10]
+    assert row.loc[3, "targets"].tolist() == [30] and row.loc[3, "seen"].tolist() == [10]
+    assert row.loc[5, "seen"].tolist() == []  # a new user: nothing before the day
+    # pooled with eval.parquet: its users keep their own row, the others are added
+    eval_df = pd.DataFrame({"user_id": [2, 9], "hist": [[10], []], "seen": [[10], []], "targets": [[30], [10]]})
+    pooled, added = pooled_eval_frame(eval_df, train, end, HoldoutSpec(days=3, share=0.999), 5)
+    assert pooled["user_id"].tolist() == [1, 2, 3, 5, 9] and added == 3
+    assert pooled.set_index("user_id").loc[2, "targets"] == [30]
+    none, added = pooled_eval_frame(eval_df, train, end, HoldoutSpec(days=0, share=0.0), 5)
+    assert none["user_id"].tolist() == [2, 9] and added == 0
 
 
 class _FakeBundle:

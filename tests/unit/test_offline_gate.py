@@ -18,6 +18,7 @@ from dayloop.quality.offline_gate import (
     decide,
     decision_tags,
 )
+from dayloop.quality.offline_gate.intervals import paired_ratio_interval
 from dayloop.quality.report import write_offline_report
 
 N = 300
@@ -122,6 +123,51 @@ def test_fail_popularity(frames: dict) -> None:
     assert d.metrics["popularity_lift"] == pytest.approx(1 / 1.1)
 
 
+def test_popularity_floor_is_decided_on_the_paired_interval() -> None:
+    # 60 users: the challenger's point lift (~1.1x) is under the 1.2x floor, but its paired
+    # interval reaches above it, so the gate cannot say it is worse than the floor: pass
+    rng = np.random.default_rng(1)
+    pop = rng.beta(2, 5, 60)
+    values = np.clip(pop * 1.1 + rng.normal(scale=0.3, size=60), 0, 1)
+    noisy, champion = _frame(values), _frame(values * 0.99)
+    popularity = _frame(pop)
+    d = decide(noisy, champion, popularity, THRESHOLDS, 0.05, _infra())
+    lift = d.metrics["popularity_lift"]
+    assert lift < THRESHOLDS.min_popularity_lift < d.metrics["popularity_lift_high"], d.reasons
+    assert d.metrics["popularity_lift_low"] < lift
+    assert d.passed, d.reasons
+    # without a champion (bootstrap) the point lift itself must reach the floor
+    boot = decide(noisy, None, popularity, THRESHOLDS, None, _infra())
+    assert not boot.passed and "bootstrap: the lift itself must reach 1.200x" in _failed_checks(boot)
+    # the same gap with the whole interval below the floor fails
+    clear = _frame(np.clip(pop * 1.0 + rng.normal(scale=0.01, size=60), 0, 1))
+    d = decide(clear, _frame(pop), popularity, THRESHOLDS, 0.05, _infra())
+    assert not d.passed and "whole interval is below 1.200x" in _failed_checks(d)
+    assert d.metrics["popularity_lift_high"] < THRESHOLDS.min_popularity_lift
+
+
+def test_paired_ratio_interval() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.beta(2, 5, 400)
+    a = b * 1.2 + rng.normal(scale=0.05, size=400)
+    ci = paired_ratio_interval(a, b, level=0.9, n_boot=1000, seed=3)
+    assert ci.low < ci.ratio < ci.high and ci.n == 400
+    assert ci.ratio == pytest.approx(a.mean() / b.mean())
+    assert 1.1 < ci.low and ci.high < 1.3
+    # seeded: the same inputs give the same interval; pairing makes it tight
+    assert paired_ratio_interval(a, b, level=0.9, n_boot=1000, seed=3) == ci
+    unpaired = paired_ratio_interval(a, rng.permutation(b), level=0.9, n_boot=1000, seed=3)
+    assert unpaired.high - unpaired.low > 2 * (ci.high - ci.low)
+    # non-finite users are dropped, bad input is refused
+    assert paired_ratio_interval(np.r_[a, np.nan], np.r_[b, 1.0], n_boot=200).n == 400
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_ratio_interval(a, b[:-1])
+    with pytest.raises(ValueError, match="at least 2 users"):
+        paired_ratio_interval([1.0], [1.0])
+    with pytest.raises(ValueError, match="level"):
+        paired_ratio_interval(a, b, level=1.0)
+
+
 def test_bootstrap_rule(frames: dict) -> None:
     d = decide(frames["same"], None, frames["popularity"], THRESHOLDS, None, _infra())
     assert d.passed and d.bootstrap
@@ -151,6 +197,21 @@ def test_psi_checks(frames: dict) -> None:
     assert not missing.passed and "not computed" in _failed_checks(missing)
 
 
+def test_psi_is_advisory_unless_a_limit_is_set(frames: dict) -> None:
+    from dataclasses import replace
+
+    advisory = replace(THRESHOLDS, max_psi=None)
+    drifted = decide(frames["same"], frames["champion"], frames["popularity"], advisory, 1.6, _infra())
+    assert drifted.passed and drifted.metrics["psi"] == 1.6
+    assert any(r.startswith("INFO: PSI of top-1 scores = 1.6000 (advisory") for r in drifted.reasons)
+    missing = decide(frames["same"], frames["champion"], frames["popularity"], advisory, None, _infra())
+    assert missing.passed and any("not computed" in r and r.startswith("INFO") for r in missing.reasons)
+    # advisory PSI never rescues a worse model: the metric checks still decide
+    worse = decide(frames["worse"], frames["champion"], frames["popularity"], advisory, 0.01, _infra())
+    assert not worse.passed
+    assert GateThresholds().max_psi is None
+
+
 def test_too_few_users_fail(frames: dict) -> None:
     few = {k: v.head(10) for k, v in frames.items()}
     d = decide(few["same"], few["champion"], few["popularity"], THRESHOLDS, 0.05, _infra())
@@ -170,6 +231,10 @@ def test_thresholds_validate() -> None:
         GateThresholds(primary_metric="map")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         GateThresholds(margin_mode="percent")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="popularity_days"):
+        GateThresholds(popularity_days=0)
+    with pytest.raises(ValueError, match="popularity_level"):
+        GateThresholds(popularity_level=1.0)
     assert GateThresholds(k=50, primary_metric="recall").primary_column == "recall@50"
     assert GateThresholds().primary_column == "ndcg@10"
 

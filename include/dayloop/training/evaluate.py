@@ -9,7 +9,7 @@ same day pair up row by row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -163,13 +163,48 @@ def evaluate_bundle(
 
 
 def popularity_ranking(popularity_df: pd.DataFrame) -> np.ndarray:
-    """Item ids by count descending, ties by item id ascending (deterministic)."""
+    """Item ids by count descending, ties by ``window_count`` descending when the frame has
+    it (see :func:`recent_popularity`), then by item id ascending (deterministic). Items
+    with no count (and no window count) are not ranked."""
     for col in ("item_id", "count"):
         if col not in popularity_df.columns:
             raise ValueError(f"popularity frame lacks column {col!r}")
-    df = popularity_df[popularity_df["count"] > 0]
-    order = np.lexsort((df["item_id"].to_numpy(np.int64), -df["count"].to_numpy(np.int64)))
-    return df["item_id"].to_numpy(np.int64)[order]
+    counts = popularity_df["count"].to_numpy(np.int64)
+    tie = popularity_df["window_count"].to_numpy(np.int64) if "window_count" in popularity_df else np.zeros_like(counts)
+    keep = (counts > 0) | (tie > 0)
+    ids = popularity_df["item_id"].to_numpy(np.int64)[keep]
+    order = np.lexsort((ids, -tie[keep], -counts[keep]))
+    return ids[order]
+
+
+def recent_popularity(
+    train_df: pd.DataFrame, window_end: pd.Timestamp, days: int | None = 7, exclude: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Time-aware popularity: ``item_id, count, window_count`` from train.parquet rows.
+
+    ``count`` counts the rows of the last ``days`` days before ``window_end`` (every row
+    for ``days=None``), ``window_count`` every row (it orders items the last days did not touch);
+    ``exclude`` is a boolean row mask of rows to leave out (the gate's held-out rows,
+    which no model trained on either). Feed it to :func:`evaluate_popularity`.
+    """
+    for col in ("item_id", "ts"):
+        if col not in train_df.columns:
+            raise ValueError(f"train frame lacks column {col!r}")
+    if days is not None and int(days) <= 0:
+        raise ValueError(f"days must be positive, got {days}")
+    rows = train_df if exclude is None else train_df[~np.asarray(exclude, dtype=bool)]
+    window = rows["item_id"].value_counts()
+    recent = window
+    if days is not None:
+        recent = rows.loc[rows["ts"] >= window_end - pd.Timedelta(days=int(days)), "item_id"].value_counts()
+    items = window.index.to_numpy(np.int64)
+    return pd.DataFrame(
+        {
+            "item_id": items,
+            "count": recent.reindex(items, fill_value=0).to_numpy(np.int64),
+            "window_count": window.to_numpy(np.int64),
+        }
+    )
 
 
 def evaluate_popularity(
@@ -186,6 +221,41 @@ def evaluate_popularity(
         head = ranking[: max_k + seen.size]
         head = head[~np.isin(head, seen)][:max_k]
         topk[u, : head.size] = head
+    return _frame(users, topk, ks)
+
+
+def evaluate_scores(
+    item_ids: np.ndarray, score_fn: Callable[[list[np.ndarray]], np.ndarray], eval_df: pd.DataFrame,
+    ks: Sequence[int] = DEFAULT_KS, block: int = 512,
+) -> pd.DataFrame:
+    """Per-user metrics (same layout as evaluate_bundle) of any scorer over ``item_ids``.
+
+    ``score_fn(seen_lists)`` returns float scores [len(seen_lists), len(item_ids)] for a
+    block of evaluable users given their seen items (e.g. EASE's closed-form item-item
+    weights applied to the user's seen set); seen items are then excluded, ties broken by
+    item order, exactly as for a bundle.
+    """
+    ks = _check_ks(ks)
+    users = _eval_users(eval_df)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    max_k, n_items = ks[-1], item_ids.size
+    topk = np.full((users.user_ids.size, max_k), -1, dtype=np.int64)
+    order_ids = np.argsort(item_ids, kind="stable")
+    for start in range(0, users.user_ids.size, block):
+        seen = users.seen[start : start + block]
+        scores = np.asarray(score_fn(seen), dtype=np.float64).copy()
+        if scores.shape != (len(seen), n_items):
+            raise ValueError(f"score_fn returned {scores.shape}, expected {(len(seen), n_items)}")
+        for r, s in enumerate(seen):
+            pos = np.searchsorted(item_ids[order_ids], s)
+            pos = np.minimum(pos, n_items - 1)
+            hit = item_ids[order_ids][pos] == s
+            scores[r, order_ids[pos[hit]]] = -np.inf
+        kk = min(max_k, n_items)
+        rows = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+        ids = item_ids[rows]
+        ids[~np.isfinite(np.take_along_axis(scores, rows, axis=1))] = -1
+        topk[start : start + len(seen), :kk] = ids
     return _frame(users, topk, ks)
 
 
