@@ -330,14 +330,21 @@ def popularity_tables(
     """
     from dayloop.training.model import popularity_codes
 
+    trailing = _trailing_counts(item_idx, row_day, n_days, n_items)
+    out = np.zeros((n_days + 1, n_items + 1, len(windows)), dtype=np.int64)
+    for w_i, w in enumerate(windows):
+        out[:, :, w_i] = popularity_codes(trailing(int(w)), n_buckets)
+    return out
+
+
+def _trailing_counts(item_idx: np.ndarray, row_day: np.ndarray, n_days: int, n_items: int) -> Any:
+    """``f(w)``: float64[n_days + 1, n_items + 1], row d = each item's training rows on days
+    [d - w, d) (point in time: a day never counts itself; row ``n_days`` is the export day)."""
     counts = np.zeros((n_days, n_items + 1), dtype=np.float64)
     np.add.at(counts, (row_day, item_idx), 1.0)
     cum = np.vstack([np.zeros((1, n_items + 1)), np.cumsum(counts, axis=0)])  # cum[d] = days < d
     days = np.arange(n_days + 1)
-    out = np.zeros((n_days + 1, n_items + 1, len(windows)), dtype=np.int64)
-    for w_i, w in enumerate(windows):
-        out[:, :, w_i] = popularity_codes(cum[days] - cum[np.maximum(days - int(w), 0)], n_buckets)
-    return out
+    return lambda w: cum[days] - cum[np.maximum(days - w, 0)]
 
 
 def _vocab_rows(meta: dict[str, Any], vocab_key: str, column: str, observed_max: int) -> int:
@@ -492,12 +499,7 @@ def _log_q(item_idx: np.ndarray, data: dict[str, Any], n_items: int, params: Tra
     log_all = np.log(np.maximum(counts, 1.0) / item_idx.size)
     if params.logq_prior_days is None:
         return (params.logq_weight * log_all).astype(np.float32)
-    n_days, row_day = data["n_days"], data["row_day"]
-    per_day = np.zeros((n_days, n_items + 1))
-    np.add.at(per_day, (row_day, item_idx), 1.0)
-    cum = np.vstack([np.zeros((1, n_items + 1)), np.cumsum(per_day, axis=0)])
-    days = np.arange(n_days + 1)
-    recent = cum[days] - cum[np.maximum(days - int(params.logq_prior_days), 0)]
+    recent = _trailing_counts(item_idx, data["row_day"], data["n_days"], n_items)(int(params.logq_prior_days))
     # add-one smoothing: a day with nothing before it gets the uniform prior
     log_recent = np.log((recent + 1.0) / (recent.sum(axis=1, keepdims=True) + n_items + 1))
     return (log_all[None, :] + (params.logq_weight - 1.0) * log_recent).astype(np.float32)

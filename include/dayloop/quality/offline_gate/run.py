@@ -131,14 +131,15 @@ def _eval_set(fs: FeatureSet, challenger: ModelBundle, champion_dir: Path | None
     eval_df, train = fs["eval"], fs["train"]
     window_end = window_end_of(fs)
     spec = HoldoutSpec.from_meta(challenger.meta)
+    champion_meta = _bundle_meta(champion_dir) if champion_dir is not None else None
     why = None
     if not t.pool_holdout:
         why = "pooling disabled"
     elif spec is None or not spec.active:
         why = "the challenger was trained without a user holdout"
-    elif champion_dir is not None and HoldoutSpec.from_meta(_bundle_meta(champion_dir)) != spec:
+    elif champion_meta is not None and HoldoutSpec.from_meta(champion_meta) != spec:
         why = f"the champion was not trained around the challenger's holdout {spec}"
-    elif champion_dir is not None and not _window_ends_by(_bundle_meta(champion_dir), window_end):
+    elif champion_meta is not None and not _window_ends_by(champion_meta, window_end):
         why = "the champion's training window does not end before the challenger's (it may have seen the holdout)"
     exclude = None
     if why is None:
