@@ -47,6 +47,8 @@ class PlaneConfig:
     store_url: str | None = None
     kind: str = "cpu"
     canary_timeout: float = 0.25
+    static_items: Path = ROOT / "serving" / "router" / "static_items.json"
+    router_args: tuple[str, ...] = ()  # more router options (e.g. the breaker's --breaker-cooldown)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -144,12 +146,24 @@ class DataPlane:
         env.update(self.cfg.extra_env)
         return env
 
-    def _spawn(self, name: str, cmd: list[str]) -> int:
+    def child_pid(self, name: str) -> int | None:
+        """The pid of a supervised service's current process (not its supervisor)."""
+        try:
+            return int((self.cfg.run_dir / f"{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _spawn(self, name: str, cmd: list[str], supervised: bool = True) -> int:
         existing = self.pgid(name)
         if existing:
             return existing
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        if supervised:
+            # restarted when it dies (serving.supervise); stopped with its group
+            (self.cfg.run_dir / f"{name}.pid").unlink(missing_ok=True)
+            cmd = [str(self.cfg.python), "-m", "serving.supervise", "--name", name,
+                   "--pid-file", str(self.cfg.run_dir / f"{name}.pid"), "--", *cmd]
         with open(self.cfg.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
@@ -193,6 +207,7 @@ class DataPlane:
                     time.sleep(0.05)
             stopped = True
         f.unlink(missing_ok=True)
+        (self.cfg.run_dir / f"{name}.pid").unlink(missing_ok=True)
         return stopped
 
     # ------------------------------------------------------------------ services
@@ -214,30 +229,16 @@ class DataPlane:
                                "--host", c.host, "--http-port", str(c.triton_http),
                                "--grpc-port", str(c.triton_grpc), "--metrics-port", str(c.triton_metrics),
                                "--python", str(c.python)])
+        # ready (strict readiness) once the repository's versions are loaded again
         self._wait("triton", f"http://{c.host}:{c.triton_http}/v2/health/ready", timeout)
-        self._reload_live_versions()
-
-    def _reload_live_versions(self) -> None:
-        """After a restart, Triton (explicit mode) serves nothing: load the versions whose
-        folders are in the repository, which are the live set the control plane left."""
-        from serving.triton.repository import present_versions
-
-        if not present_versions(self.cfg.triton_repository):
-            return
-        req = urllib.request.Request(
-            f"http://{self.cfg.host}:{self.cfg.triton_http}/v2/repository/models/user_tower/load",
-            data=b"{}", method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300):
-                pass
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"serve: Triton could not reload the repository's versions: {exc}", file=sys.stderr)
 
     def start_index(self, timeout: float = 60.0) -> None:
         c = self.cfg
         self._spawn("index_service", [str(c.python), "-m", "serving.index_service", "--host", c.host,
-                                      "--port", str(c.index_port), "--token-file", str(c.token_file)])
-        self._wait("index_service", f"http://{c.host}:{c.index_port}/health", timeout)
+                                      "--port", str(c.index_port), "--token-file", str(c.token_file),
+                                      "--state-dir", str(c.home / "index_service")])
+        # ready once the versions it held are restored from its local copies
+        self._wait("index_service", f"http://{c.host}:{c.index_port}/ready", timeout)
 
     def start_routers(self, timeout: float = 60.0) -> None:
         c = self.cfg
@@ -250,12 +251,15 @@ class DataPlane:
             cmd = [str(c.python), "-m", "serving.router", "--host", c.host, "--port", str(port),
                    "--replica", f"router-{i}", "--triton-grpc", f"{c.host}:{c.triton_grpc}",
                    "--index-url", f"http://{c.host}:{c.index_port}", "--store-url", str(c.store_url),
-                   "--token-file", str(c.token_file), "--canary-timeout", str(c.canary_timeout)]
+                   "--token-file", str(c.token_file), "--canary-timeout", str(c.canary_timeout),
+                   "--static-items", str(c.static_items)]
             if c.faults_enabled:
                 cmd.append("--enable-fault-injection")
+            cmd += list(c.router_args)
             self._spawn(f"router-{i}", cmd)
         for i, port in enumerate(c.router_ports):
-            self._wait(f"router-{i}", f"http://{c.host}:{port}/health", timeout)
+            # ready once every version its route table names is loaded and answers
+            self._wait(f"router-{i}", f"http://{c.host}:{port}/ready", timeout)
 
     def start_prometheus(self, timeout: float = 30.0) -> None:
         c = self.cfg
@@ -297,7 +301,7 @@ class DataPlane:
                "--k", str(k), "--seed", str(seed), "--stats-file", str(stats_file)]
         for port in c.router_ports:
             cmd += ["--router", f"http://{c.host}:{port}"]
-        return self._spawn("simulator", cmd + list(extra or []))
+        return self._spawn("simulator", cmd + list(extra or []), supervised=False)
 
     def service_names(self) -> list[str]:
         names = [p.stem for p in self.cfg.run_dir.glob("*.pgid")] if self.cfg.run_dir.is_dir() else []

@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 1 MiB)")
     p.add_argument("--max-index-bytes", type=int, default=None, help="largest index.faiss accepted (default 4 GiB)")
     p.add_argument("--fetch-timeout", type=float, default=None, help="seconds per HTTP read when loading from a URL")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="keep local copies of loaded versions here and restore them on start")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request (off: /search is hot)")
     args = p.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if value is not None
     }
-    app = create_app(token, threads=args.threads, use_gpu=not args.no_gpu, **limits)
+    app = create_app(token, threads=args.threads, use_gpu=not args.no_gpu, state_dir=args.state_dir, **limits)
     uvicorn.run(
         app,
         host=args.host,

@@ -10,7 +10,10 @@ the user embedding Triton returned. The routes here only translate HTTP to
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from contextlib import asynccontextmanager
 
 import faiss
 from fastapi import FastAPI, Request
@@ -37,8 +40,12 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES,
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app; sets FAISS's OpenMP threads for the calling (event-loop) thread."""
+    """The FastAPI app; sets FAISS's OpenMP threads for the calling (event-loop) thread.
+
+    With ``state_dir`` the service keeps a local copy of every version it loads and, on
+    start, restores the versions it held (``/ready`` answers 503 until that is done)."""
     service = IndexService(
         token,
         threads=threads,
@@ -46,9 +53,19 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_index_bytes=max_index_bytes,
         fetch_timeout=fetch_timeout,
+        state_dir=state_dir,
     )
     faiss.omp_set_num_threads(threads)
-    app = FastAPI(title="Dayloop index service", docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        task = asyncio.create_task(service.restore())  # /health answers while it runs
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="Dayloop index service", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service)
@@ -74,7 +91,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, service: IndexService) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "versions": sorted(service.indexes)})
+        return JSONResponse({"status": "ok", **service.readiness()})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        body = service.readiness()
+        if not service.ready:
+            done = len(service.restored) + len(service.restore_failed)
+            return JSONResponse({"detail": f"restoring local copies: {done} of {service.restore_total} done",
+                                 **body}, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/indexes")
     async def list_indexes() -> JSONResponse:
@@ -113,6 +139,12 @@ def _add_routes(app: FastAPI, service: IndexService) -> None:
             log.warning("refused to replace the seen items of version %d: %s", v, exc.detail)
             raise
         return JSONResponse(result)
+
+    @app.get("/admin/indexes/{version}/seen")
+    async def seen_file(version: str, request: Request) -> Response:
+        service.require_admin(request)
+        data, sha = service.seen_bytes(parse_version(version))
+        return Response(data, media_type="application/octet-stream", headers={"X-Seen-Sha256": sha})
 
     @app.delete("/admin/indexes/{version}")
     async def unload_index(version: str, request: Request) -> JSONResponse:

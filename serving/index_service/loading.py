@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -135,6 +136,7 @@ def load_index_dir(
     use_gpu: bool = False,
     max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES,
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    keep: Callable[[dict[str, bytes | bytearray]], None] | None = None,
 ) -> LoadedIndex | None:
     """Fetch, verify and deserialise one index directory (blocking; run it in a thread).
 
@@ -142,18 +144,26 @@ def load_index_dir(
     ``skip_fingerprint`` (that exact index is already loaded). Raises ``ServiceError``:
     400 for a bad source, 502 when a URL cannot be fetched, 409 for a dimension or
     fingerprint mismatch, 422 for an unusable artifact.
+
+    ``keep``, when given, receives the directory's files (name -> bytes) once every check has
+    passed, before the index is returned: the service keeps its local copy with it.
     """
     started = time.perf_counter()
     fetched = _fetch(source, expected_dim, fingerprint, skip_fingerprint, max_index_bytes, fetch_timeout)
     if fetched is None:
         return None
-    meta, data, seen_data = fetched
+    meta_raw, meta, data, seen_data = fetched
     del fetched  # the tuple would keep the file's bytes alive next to the index
     seen = _parse_seen(source, meta, seen_data)  # before the index: a bad file costs no deserialise
-    del seen_data
     index = _deserialise(source, meta, data)
-    del data
     kind = _check_index(source, meta, index, expected_dim)
+    if keep is not None:
+        files = {META_FILENAME: meta_raw, INDEX_FILENAME: data}
+        if seen_data is not None:
+            files[SEEN_FILE] = seen_data
+        keep(files)
+        del files
+    del data, seen_data
     params = apply_search_params(index, kind, nprobe=meta.nprobe, ef_search=meta.ef_search)
     dim, ntotal = int(index.d), int(index.ntotal)
     index, device = _maybe_to_gpu(index, kind, use_gpu)
@@ -183,8 +193,8 @@ def _fetch(
     skip_fingerprint: str | None,
     max_index_bytes: int,
     fetch_timeout: float,
-) -> tuple[IndexMeta, bytes | bytearray, bytes | bytearray | None] | None:
-    """The checked meta, the index file's bytes and the seen-items file's (None when the meta
+) -> tuple[bytes | bytearray, IndexMeta, bytes | bytearray, bytes | bytearray | None] | None:
+    """The meta's bytes, the checked meta, the index file's bytes and the seen-items file's (None when the meta
     names none); None when the meta says ``skip_fingerprint``."""
     client = httpx.Client(timeout=fetch_timeout, follow_redirects=True) if source.kind == "http" else None
 
@@ -194,7 +204,8 @@ def _fetch(
         return read_http(client, source, name, limit)
 
     try:
-        meta = parse_meta(read(META_FILENAME, MAX_META_BYTES))
+        meta_raw = read(META_FILENAME, MAX_META_BYTES)
+        meta = parse_meta(meta_raw)
         if meta.dim != expected_dim:
             raise ServiceError(
                 409,
@@ -208,7 +219,7 @@ def _fetch(
         if skip_fingerprint is not None and meta.fingerprint == skip_fingerprint:
             return None
         seen_data = read(SEEN_FILE, max_index_bytes) if meta.seen is not None else None
-        return meta, read(INDEX_FILENAME, max_index_bytes), seen_data
+        return meta_raw, meta, read(INDEX_FILENAME, max_index_bytes), seen_data
     finally:
         if client is not None:
             client.close()

@@ -17,6 +17,7 @@ one assignment on the event loop (``IndexService.update_seen``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,8 +50,9 @@ def seen_location(raw: str) -> tuple[Source, str]:
     return directory, name
 
 
-def fetch_seen(raw: str, fingerprint: str, max_bytes: int, fetch_timeout: float) -> tuple[SeenItems, str]:
-    """The table ``raw`` names and where it was read, once its sha256 is ``fingerprint``
+def fetch_seen(raw: str, fingerprint: str, max_bytes: int, fetch_timeout: float,
+               keep: Callable[[bytes | bytearray], None] | None = None) -> tuple[SeenItems, str]:
+    """The table ``raw`` names and where it was read (``keep`` gets the verified file's bytes), once its sha256 is ``fingerprint``
     (blocking). ServiceError: 400 bad or unreadable source, 502 a URL that cannot be
     fetched, 409 another file than the one named, 422 not a seen-items file."""
     source, name = seen_location(raw)
@@ -64,9 +66,12 @@ def fetch_seen(raw: str, fingerprint: str, max_bytes: int, fetch_timeout: float)
     if actual != fingerprint.lower():
         raise ServiceError(409, f"{where} has sha256 {actual}, not the {fingerprint.lower()} the request names")
     try:
-        return parse_seen(data, where), where
+        seen = parse_seen(data, where)
     except SeenFormatError as exc:
         raise ServiceError(422, str(exc)) from None
+    if keep is not None:
+        keep(data)
+    return seen, where
 
 
 def check_not_older(current: LoadedIndex, new: SeenItems, where: str, allow_older: bool) -> None:

@@ -32,9 +32,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +61,8 @@ from serving.index_service.loading import (
     load_index_dir,
     search_in_thread,
 )
+from serving.index_service.local_copies import LocalCopies
+from serving.index_service.meta import META_FILENAME, parse_meta
 from serving.index_service.metrics import IndexMetrics
 from serving.index_service.protocol import (
     LoadRequest,
@@ -65,8 +71,9 @@ from serving.index_service.protocol import (
     parse_search_request,
     vectors_to_array,
 )
+from serving.index_service.seen import SEEN_FILE, encode_seen
 from serving.index_service.seen_swap import check_not_older, fetch_seen
-from serving.index_service.sources import parse_source
+from serving.index_service.sources import Source, parse_source
 
 log = logging.getLogger("serving.index_service")
 
@@ -91,6 +98,7 @@ class IndexService:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -108,6 +116,12 @@ class IndexService:
         self.known_versions: set[int] = set()
         self.metrics = IndexMetrics()
         self._load_slots = asyncio.Semaphore(MAX_CONCURRENT_LOADS)
+        # Local copies of the live versions (restored on start); None: kept in memory only.
+        self.copies = LocalCopies(state_dir) if state_dir is not None else None
+        self.ready = self.copies is None
+        self.restore_total = 0
+        self.restored: list[int] = []
+        self.restore_failed: dict[int, str] = {}
 
     def version_label(self, version: int) -> str:
         """Metric label for a requested version: itself if ever loaded, else 'other'."""
@@ -133,6 +147,14 @@ class IndexService:
         if current is not None and wanted is not None:
             # Answer from what is loaded without touching the source.
             return self._same_or_conflict(current, wanted, req.expected_dim)
+        kept: list[Path] = []
+        keep = None
+        if self.copies is not None:
+            copies = self.copies
+
+            def keep(files: dict[str, bytes | bytearray]) -> None:
+                kept.append(copies.keep_files(version, parse_meta(files[META_FILENAME]).fingerprint, files))
+
         async with self._load_slots:
             loaded = await asyncio.to_thread(
                 load_index_dir,
@@ -144,6 +166,7 @@ class IndexService:
                 use_gpu=self.use_gpu,
                 max_index_bytes=self.max_index_bytes,
                 fetch_timeout=self.fetch_timeout,
+                keep=keep,
             )
         # The table may have changed while the thread ran; decide on what is there now.
         now = self.indexes.get(version)
@@ -152,20 +175,40 @@ class IndexService:
                 raise ServiceError(409, f"version {version} changed while loading; retry the request")
             return self._same_or_conflict(now, now.fingerprint, req.expected_dim)
         if now is not None:
+            self._drop_unrecorded(version, kept)
             return self._same_or_conflict(now, loaded.fingerprint, req.expected_dim)
-        self.indexes[version] = loaded
-        self.known_versions.add(version)
-        label = str(version)
-        self.metrics.loaded.labels(version=label).set(1)
-        self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
-        self._set_seen_gauge(loaded)
-        self.metrics.loads.labels(outcome="loaded").inc()
+        self._install(loaded, req.expected_dim, kept[0] if kept else None)
         log.info(
             "loaded version %d: %s index, %d x %d, %s, fingerprint %s, from %s in %.2fs",
             version, loaded.kind, loaded.ntotal, loaded.dim, loaded.device,
             loaded.fingerprint[:12], loaded.source, loaded.load_seconds,
         )
         return {"status": "loaded", "index": loaded.info()}
+
+    def _install(self, loaded: LoadedIndex, expected_dim: int, kept_dir: Path | None) -> None:
+        """Put a loaded version into the table (one step, no await) and name its copy live."""
+        version = loaded.version
+        self.indexes[version] = loaded
+        if self.copies is not None and kept_dir is not None:
+            self.copies.record(version, {
+                "dir": str(kept_dir.relative_to(self.copies.root)), "fingerprint": loaded.fingerprint,
+                "expected_dim": expected_dim, "seen_file": SEEN_FILE if loaded.seen is not None else None,
+                "seen_sha256": loaded.seen_fingerprint, "source": loaded.source,
+            })
+        self.known_versions.add(version)
+        label = str(version)
+        self.metrics.loaded.labels(version=label).set(1)
+        self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
+        self._set_seen_gauge(loaded)
+        self.metrics.loads.labels(outcome="loaded").inc()
+
+    def _drop_unrecorded(self, version: int, kept: list[Path]) -> None:
+        """Remove a copy written by a load that lost a race, unless the manifest names it."""
+        if self.copies is None or not kept:
+            return
+        live = self.copies.entries().get(version, {}).get("dir")
+        if live != str(kept[0].relative_to(self.copies.root)):
+            shutil.rmtree(kept[0], ignore_errors=True)
 
     def _same_or_conflict(self, current: LoadedIndex, fingerprint: str, expected_dim: int) -> dict[str, Any]:
         if current.fingerprint != fingerprint:
@@ -186,6 +229,8 @@ class IndexService:
         entry = self.indexes.pop(version, None)
         if entry is None:
             raise ServiceError(404, f"index version {version} is not loaded")
+        if self.copies is not None:
+            self.copies.forget(version)
         self.metrics.loaded.labels(version=str(version)).set(0)
         self.metrics.ntotal.labels(version=str(version)).set(0)
         self.metrics.seen_last_day.labels(version=str(version)).set(0)
@@ -211,9 +256,17 @@ class IndexService:
         if current.seen_fingerprint == wanted:  # answered without touching the source
             self.metrics.seen_updates.labels(outcome="unchanged").inc()
             return {"status": "unchanged", "index": current.info()}
+        kept: list[Path] = []
+        keep = None
+        if self.copies is not None:
+            copies, fingerprint = self.copies, current.fingerprint
+
+            def keep(data: bytes | bytearray) -> None:
+                kept.append(copies.keep_seen(version, fingerprint, wanted, data))
+
         async with self._load_slots:
             seen, where = await asyncio.to_thread(
-                fetch_seen, req.source, wanted, self.max_index_bytes, self.fetch_timeout
+                fetch_seen, req.source, wanted, self.max_index_bytes, self.fetch_timeout, keep
             )
         # The table may have changed while the thread ran (an unload, another swap): decide
         # on what is there now, with no await between the check and the assignment.
@@ -224,6 +277,10 @@ class IndexService:
         check_not_older(now, seen, where, req.allow_older)
         updated = dataclasses.replace(now, seen=seen, seen_fingerprint=wanted, seen_source=where)
         self.indexes[version] = updated
+        if self.copies is not None and kept and now.fingerprint == current.fingerprint:
+            entry = self.copies.entries().get(version)
+            if entry is not None:
+                self.copies.record(version, entry | {"seen_file": kept[0].name, "seen_sha256": wanted})
         self._set_seen_gauge(updated)
         self.metrics.seen_updates.labels(outcome="updated").inc()
         log.info(
@@ -232,6 +289,75 @@ class IndexService:
             now.seen.last_day if now.seen is not None else "no seen items",
         )
         return {"status": "updated", "previous": now.seen_info(), "index": updated.info()}
+
+    async def restore(self) -> None:
+        """Load every version the local copies name (at start, before ``ready``). A copy that
+        fails its checks is left out and reported (``restore_failed``), never served."""
+        if self.copies is None:
+            self.ready = True
+            return
+        entries = self.copies.entries()
+        self.restore_total = len(entries)
+        for version, entry in sorted(entries.items()):
+            try:
+                await self._restore_one(version, entry)
+                self.restored.append(version)
+            except Exception as exc:  # noqa: BLE001 - one bad copy must not block the others
+                detail = exc.detail if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+                self.restore_failed[version] = str(detail)
+                self.metrics.loads.labels(outcome="restore_failed").inc()
+                log.error("could not restore version %d from its local copy: %s", version, detail)
+        self.ready = True
+        log.info("restored %d of %d versions from %s%s", len(self.restored), len(entries), self.copies.root,
+                 f"; failed: {self.restore_failed}" if self.restore_failed else "")
+
+    async def _restore_one(self, version: int, entry: dict[str, Any]) -> None:
+        assert self.copies is not None
+        folder = self.copies.root / str(entry["dir"])
+        source = Source("local", str(folder), str(folder))
+        async with self._load_slots:
+            loaded = await asyncio.to_thread(
+                load_index_dir, version, source, int(entry["expected_dim"]), str(entry["fingerprint"]),
+                use_gpu=self.use_gpu, max_index_bytes=self.max_index_bytes, fetch_timeout=self.fetch_timeout,
+            )
+            seen_file, seen_sha = entry.get("seen_file"), entry.get("seen_sha256")
+            if loaded is not None and seen_file and seen_file != SEEN_FILE and seen_sha:
+                seen, where = await asyncio.to_thread(
+                    fetch_seen, str(folder / seen_file), seen_sha, self.max_index_bytes, self.fetch_timeout)
+                loaded = dataclasses.replace(loaded, seen=seen, seen_fingerprint=seen_sha, seen_source=where)
+        if loaded is None or version in self.indexes:
+            return  # a load that came in meanwhile wins
+        self.indexes[version] = loaded
+        self.known_versions.add(version)
+        label = str(version)
+        self.metrics.loaded.labels(version=label).set(1)
+        self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
+        self._set_seen_gauge(loaded)
+        self.metrics.loads.labels(outcome="restored").inc()
+        log.info("restored version %d (fingerprint %s) from %s in %.2fs", version, loaded.fingerprint[:12],
+                 folder, loaded.load_seconds)
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready, "versions": sorted(self.indexes), "restoring": self.restore_total,
+                "restored": sorted(self.restored),
+                "restore_failed": {str(v): d for v, d in sorted(self.restore_failed.items())}}
+
+    def seen_bytes(self, version: int) -> tuple[bytes, str]:
+        """The seen-items file ``version`` excludes with, and its sha256 (404 without one)."""
+        entry = self._loaded(version)
+        if entry.seen is None or entry.seen_fingerprint is None:
+            raise ServiceError(404, f"index version {version} has no seen-items table")
+        if self.copies is not None:
+            live = self.copies.entries().get(version)
+            if live is not None and live.get("seen_sha256") == entry.seen_fingerprint and live.get("seen_file"):
+                path = self.copies.root / str(live["dir"]) / str(live["seen_file"])
+                try:
+                    return path.read_bytes(), entry.seen_fingerprint
+                except OSError:
+                    pass  # re-encoded below from what is in memory
+        s = entry.seen
+        data = encode_seen(s.user_ids, s.offsets, s.items, s.last_day)
+        return data, hashlib.sha256(data).hexdigest()
 
     async def search(self, request: Request) -> Response:
         """``POST /search``: parse, search, encode; every refusal is counted."""

@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--canary-timeout", type=float, default=0.25)
     ap.add_argument("--stable-timeout", type=float, default=2.0)
     ap.add_argument("--poll-interval", type=float, default=0.2)
+    ap.add_argument("--breaker-failures", type=int, default=3,
+                    help="hard faults inside the window that open a version's circuit")
+    ap.add_argument("--breaker-window", type=float, default=10.0, help="seconds the faults are counted over")
+    ap.add_argument("--breaker-cooldown", type=float, default=30.0,
+                    help="seconds a circuit stays open before a half-open probe")
+    ap.add_argument("--static-items", type=Path, default=None,
+                    help="JSON list of item ids: the last fallback level (shipped with the deployment)")
     ap.add_argument("--enable-fault-injection", action="store_true",
                     help="expose /admin/faults (tests and demos only)")
     args = ap.parse_args(argv)
@@ -39,11 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every index-service call at INFO: a log line per user request
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from serving.router.breaker import BreakerConfig
+    from serving.router.fallback import StaticList, StaticListError
+
+    try:
+        breaker = BreakerConfig(args.breaker_failures, args.breaker_window, args.breaker_cooldown)
+        static = StaticList.from_file(args.static_items) if args.static_items else None
+    except (ValueError, StaticListError) as exc:
+        raise SystemExit(f"router: {exc}") from None
     settings = RouterSettings(
         triton_grpc=args.triton_grpc, index_url=args.index_url, store_url=args.store_url,
         token=read_token(args.token_file), replica=args.replica or f"router-{args.port}",
         canary_timeout_s=args.canary_timeout, stable_timeout_s=args.stable_timeout,
         poll_interval_s=args.poll_interval, faults_enabled=args.enable_fault_injection,
+        breaker=breaker, static_items=static,
     )
     import uvicorn
 

@@ -1,10 +1,18 @@
-"""The router: per-user version assignment, paired model+index calls, canary fallback.
+"""The router: per-user version assignment, paired model+index calls, a fallback chain.
 
 Request path (``POST /recommend``): bucket the user under the current route table's salt,
 pick the version, embed the user with that version on Triton and search that version's
 index (a version's embedding is only ever searched in its own index). A non-stable version
 that errors, returns a non-finite value or passes its timeout is answered by the stable
 version; the failure is still counted against it, the user never sees it.
+
+Each version has a circuit breaker in each replica (:mod:`serving.router.breaker`): hard
+faults over a short window open it, and while it is open the version gets no requests at
+all; its users go straight to the next level. The chain, top to bottom: the routed version,
+the stable version (never a canary), the stable version's popularity list (level 1, built
+here from the seen-items table of its index), the static list shipped with the deployment
+(level 2). Every answer says its ``level``; level 1 and 2 answers are counted apart and are
+never a version's impressions or clicks, so no analysis reads them as a version's success.
 
 Route table: read from the revisioned store, polled by every replica; admin writes are
 compare-and-swap on the revision and refused when the table names a version whose model or
@@ -22,7 +30,7 @@ import math
 import os
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -36,6 +44,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.http_guards import BAD_TOKEN_DETAIL, BEARER_CHALLENGE, BodyLimit, bearer_matches
 from serving.route_store import RouteStore, StaleRevision
+from serving.router.breaker import STATE_VALUE, Breaker, BreakerConfig
+from serving.router.fallback import (
+    LEVEL_MODEL,
+    LEVEL_NAMES,
+    LEVEL_POPULARITY,
+    LEVEL_STATIC,
+    PopularityList,
+    StaticList,
+)
 from serving.router.metrics import RouterMetrics
 from serving.routing import N_GROUPS, RouteTable, RouteTableError, bucket, group_of_bucket
 from serving.triton.model_config import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
@@ -61,6 +78,9 @@ class RouterSettings:
     max_body_bytes: int = 4096       # public endpoints
     max_admin_body_bytes: int = 65536
     impression_cache: int = 200_000
+    breaker: BreakerConfig = BreakerConfig()
+    static_items: StaticList | None = None  # level 2 of the chain (None: the chain ends at level 1)
+    popularity_retry_s: float = 2.0         # retry fetching a version's seen-items table this often
 
 
 class AttemptFailed(Exception):
@@ -128,6 +148,11 @@ class Router:
         self._triton: Any = None
         self._http: Any = None
         self._poller: asyncio.Task | None = None
+        self.breakers: dict[int, Breaker] = {}
+        self.trips: deque[dict[str, Any]] = deque(maxlen=100)
+        self.popular: dict[int, PopularityList] = {}
+        self._popular_tasks: dict[int, asyncio.Task] = {}
+        self.static = settings.static_items
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -143,6 +168,8 @@ class Router:
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
+        for task in self._popular_tasks.values():
+            task.cancel()
         if self._http:
             await self._http.aclose()
         if self._triton:
@@ -175,7 +202,82 @@ class Router:
             for g in groups:
                 m.group_impressions.labels(str(v), str(g))
                 m.group_clicks.labels(str(v), str(g))
+            self._breaker(v)
+            m.breaker_trips.labels(str(v))
+            m.breaker_rejected.labels(str(v))
+            self._ensure_popularity(v)
         log.info("%s applied route revision %d: %s", self.s.replica, revision, table.as_dict())
+
+    # ------------------------------------------------------------------ breakers and fallback lists
+    def _breaker(self, version: int) -> Breaker:
+        br = self.breakers.get(version)
+        if br is None:
+            br = self.breakers[version] = Breaker(self.s.breaker)
+            self.metrics.breaker_state.labels(str(version)).set(STATE_VALUE[br.state])
+        return br
+
+    def _breaker_success(self, version: int) -> None:
+        br = self._breaker(version)
+        if br.success():
+            self.metrics.breaker_state.labels(str(version)).set(STATE_VALUE[br.state])
+            log.warning("%s: circuit of v%d closed again (half-open probe answered)", self.s.replica, version)
+
+    def _breaker_failure(self, version: int, reason: str) -> None:
+        br = self._breaker(version)
+        if br.failure(reason):
+            label = str(version)
+            self.metrics.breaker_trips.labels(label).inc()
+            self.metrics.breaker_state.labels(label).set(STATE_VALUE[br.state])
+            event = {"replica": self.s.replica, "version": version, **(br.last_trip or {}),
+                     "revision": self.state.revision if self.state else 0}
+            self.trips.append(event)
+            log.warning("%s: circuit of v%d OPEN: %s %s; its users go to the next level for %.0f s",
+                        self.s.replica, version, event.get("why"), event.get("faults"), br.config.cooldown_s)
+
+    def _allowed(self, version: int) -> bool:
+        br = self._breaker(version)
+        was = br.state
+        ok = br.allow()
+        if br.state != was:
+            self.metrics.breaker_state.labels(str(version)).set(STATE_VALUE[br.state])
+        if not ok:
+            self.metrics.breaker_rejected.labels(str(version)).inc()
+        return ok
+
+    def _ensure_popularity(self, version: int) -> None:
+        if version in self.popular or version in self._popular_tasks or self._http is None:
+            return
+        self._popular_tasks[version] = asyncio.get_running_loop().create_task(self._fetch_popularity(version))
+
+    async def _fetch_popularity(self, version: int) -> None:
+        """Build ``version``'s popularity list from its index's seen-items table; retried
+        while the version is routed and the index service cannot give it."""
+        from serving.index_service.seen import SeenFormatError, parse_seen
+
+        try:
+            while True:
+                try:
+                    resp = await self._http.get(f"/admin/indexes/{version}/seen",
+                                                headers={"Authorization": f"Bearer {self.s.token}"})
+                    if resp.status_code == 200:
+                        data, sha = resp.content, resp.headers.get("x-seen-sha256", "")
+                        seen = await asyncio.to_thread(parse_seen, data, f"v{version} seen items")
+                        pop = await asyncio.to_thread(PopularityList.build, version, seen, sha)
+                        self.popular[version] = pop
+                        log.info("%s: popularity fallback for v%d ready: %s", self.s.replica, version, pop.info())
+                        return
+                    why = f"index service answered {resp.status_code}"
+                except (SeenFormatError, ValueError) as exc:
+                    why = str(exc)
+                except Exception as exc:  # noqa: BLE001 - unreachable: retried below
+                    why = f"{type(exc).__name__}: {exc}"
+                st = self.state
+                if st is None or version not in st.table.versions:
+                    return
+                log.info("%s: no popularity fallback for v%d yet (%s); retrying", self.s.replica, version, why[:200])
+                await asyncio.sleep(self.s.popularity_retry_s)
+        finally:
+            self._popular_tasks.pop(version, None)
 
     async def _poll_routes(self) -> None:
         while True:
@@ -239,21 +341,31 @@ class Router:
         t0 = time.perf_counter()
         if record:
             self.metrics.requests.labels(label).inc()
+        settled = False
         try:
             async with asyncio.timeout(timeout):
-                return await self._attempt_inner(version, user_id, k, timeout)
+                out = await self._attempt_inner(version, user_id, k, timeout)
+            settled = True
+            self._breaker_success(version)
+            return out
         except TimeoutError as exc:
             failure = AttemptFailed("timeout", f"no answer within {timeout:.3f}s")
+            settled = True
+            self._breaker_failure(version, "timeout")
             if record:
                 self.metrics.errors.labels(label, "timeout").inc()
             raise failure from exc
         except AttemptFailed as exc:
+            settled = True
+            self._breaker_failure(version, exc.reason)
             if record:
                 self.metrics.errors.labels(label, exc.reason).inc()
                 if exc.reason == "nonfinite":
                     self.metrics.nonfinite.labels(label).inc()
             raise
         finally:
+            if not settled:  # cancelled (the client went away): neither an answer nor a fault
+                self._breaker(version).probe_abandoned()
             if record:
                 self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
@@ -265,33 +377,51 @@ class Router:
         user_bucket = bucket(user_id, table.salt)
         version = table.version_for_bucket(user_bucket)
         group = group_of_bucket(user_bucket)
+        stable = table.stable
         t0 = time.perf_counter()
-        timeout = self.s.stable_timeout_s if version == table.stable else self.s.canary_timeout_s
-        try:
-            ids, scores = await self.attempt(version, user_id, k, timeout)
-            served = version
-        except AttemptFailed as exc:
-            if version == table.stable:
-                self.metrics.unanswered.labels(str(version)).inc()
-                raise HTTPException(503, f"version {version} could not answer: {exc}") from exc
+        failures: list[str] = []
+        if version != stable:
+            if self._allowed(version):
+                try:
+                    ids, scores = await self.attempt(version, user_id, k, self.s.canary_timeout_s)
+                    return self._answer(state, version, group, ids, scores, LEVEL_MODEL, t0, user_id)
+                except AttemptFailed as exc:
+                    failures.append(f"v{version}: {exc.reason}")
+            else:
+                failures.append(f"v{version}: circuit open")
             self.metrics.fallbacks.labels(str(version)).inc()
+        if self._allowed(stable):
             try:
-                # the fallback is not a control-group request: it is not recorded as one
-                ids, scores = await self.attempt(table.stable, user_id, k, self.s.stable_timeout_s,
-                                                 record=False)
-            except AttemptFailed as exc2:
-                self.metrics.unanswered.labels(str(table.stable)).inc()
-                raise HTTPException(503, f"canary v{version} failed ({exc.reason}) and stable "
-                                         f"v{table.stable} failed ({exc2.reason})") from exc2
-            served = table.stable
-        label = str(served)
-        self.metrics.impressions.labels(label).inc()
-        self.metrics.group_impressions.labels(label, str(group)).inc()
-        if scores:
-            self.metrics.score.labels(label).observe(scores[0])
+                # a canary user's fallback is not a control-group request: not recorded as one
+                ids, scores = await self.attempt(stable, user_id, k, self.s.stable_timeout_s,
+                                                 record=version == stable)
+                return self._answer(state, stable, group, ids, scores, LEVEL_MODEL, t0, user_id)
+            except AttemptFailed as exc:
+                failures.append(f"v{stable}: {exc.reason}")
+        else:
+            failures.append(f"v{stable}: circuit open")
+        pop = self.popular.get(stable)
+        if pop is not None:
+            ids, scores = pop.answer(user_id, k)
+            return self._answer(state, stable, group, ids, scores, LEVEL_POPULARITY, t0, user_id)
+        if self.static is not None:
+            ids, scores = self.static.answer(k)
+            return self._answer(state, stable, group, ids, scores, LEVEL_STATIC, t0, user_id)
+        self.metrics.unanswered.labels(str(stable)).inc()
+        raise HTTPException(503, "no level of the fallback chain could answer: " + "; ".join(failures))
+
+    def _answer(self, state: RouteState, version: int, group: int, ids: list[int], scores: list[float],
+                level: int, t0: float, user_id: int) -> dict[str, Any]:
+        if level == LEVEL_MODEL:
+            label = str(version)
+            self.metrics.impressions.labels(label).inc()
+            self.metrics.group_impressions.labels(label, str(group)).inc()
+            if scores:
+                self.metrics.score.labels(label).observe(scores[0])
+        self.metrics.level_answers.labels(LEVEL_NAMES[level]).inc()
         self.metrics.e2e.observe(time.perf_counter() - t0)
-        impression = self._new_impression(served, state.revision, group, ids)
-        return {"user_id": user_id, "items": ids, "scores": scores, "version": served,
+        impression = self._new_impression(version, state.revision, group, ids, level)
+        return {"user_id": user_id, "items": ids, "scores": scores, "version": version, "level": level,
                 "impression_id": impression, "revision": state.revision}
 
     # ------------------------------------------------------------------ impressions / clicks
@@ -299,10 +429,12 @@ class Router:
         mac = hmac.new(self._imp_key, body.encode(), hashlib.sha256).digest()[:9]
         return base64.urlsafe_b64encode(mac).decode()
 
-    def _new_impression(self, version: int, revision: int, group: int, items: list[int]) -> str:
+    def _new_impression(self, version: int, revision: int, group: int, items: list[int], level: int = 0) -> str:
         # The group travels in the signed id, so a click is credited to the group the user was
-        # in when served, whatever table applies when the click arrives.
-        body = f"{version}.{revision}.{group}.{os.urandom(9).hex()}"
+        # in when served, whatever table applies when the click arrives. A fallback-level
+        # answer's id starts "L<level>-<version>": its clicks are counted by level only.
+        head = str(version) if level == LEVEL_MODEL else f"L{level}-{version}"
+        body = f"{head}.{revision}.{group}.{os.urandom(9).hex()}"
         imp = f"{body}.{self._sign(body)}"
         self._impressions[imp] = (version, frozenset(items))
         if len(self._impressions) > self.s.impression_cache:
@@ -311,12 +443,16 @@ class Router:
 
     def feedback(self, impression_id: str, item_id: int) -> dict[str, Any]:
         parts = impression_id.split(".")
-        if len(parts) != 5 or not parts[0].isdigit() or not parts[2].isdigit():
+        level = LEVEL_MODEL
+        head = parts[0] if parts else ""
+        if head[:1] == "L" and head[1:2].isdigit() and head[2:3] == "-":
+            level, head = int(head[1]), head[3:]
+        if len(parts) != 5 or not head.isdigit() or not parts[2].isdigit() or level not in LEVEL_NAMES:
             raise HTTPException(400, "malformed impression_id")
         body = ".".join(parts[:4])
         if not hmac.compare_digest(self._sign(body), parts[4]):
             raise HTTPException(400, "impression_id was not issued by this service")
-        version, group = int(parts[0]), int(parts[2])
+        version, group = int(head), int(parts[2])
         local = self._impressions.get(impression_id)
         if local is not None and item_id not in local[1]:
             raise HTTPException(400, f"item {item_id} was not in impression {impression_id}")
@@ -326,6 +462,9 @@ class Router:
         self._clicked[key] = None
         if len(self._clicked) > self.s.impression_cache:
             self._clicked.popitem(last=False)
+        if level != LEVEL_MODEL:  # not the version's own list: never its click
+            self.metrics.level_clicks.labels(LEVEL_NAMES[level]).inc()
+            return {"recorded": True, "version": version, "level": level}
         self.metrics.clicks.labels(str(version)).inc()
         self.metrics.group_clicks.labels(str(version), str(group)).inc()
         return {"recorded": True, "version": version}
@@ -363,6 +502,35 @@ class Router:
             if index_dim != width:
                 problems.append(f"v{v}: model embeds {width}-d vectors but its index is {index_dim}-d")
         return problems
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: the latest route table is applied and every version it names is loaded and
+        answers (the launcher waits for this after a start or a restart)."""
+        st = self.state
+        try:
+            latest = await asyncio.to_thread(self.store.latest_revision)
+        except Exception as exc:  # noqa: BLE001
+            return False, {"detail": f"route store unreadable: {exc}"}
+        if not latest:
+            return True, {"revision": 0, "detail": "no route table written yet"}
+        if st is None or st.revision < latest:
+            return False, {"detail": f"route revision {latest} not applied yet"}
+        problems = await self.pairing_problems(st.table)
+        body = {"revision": st.revision, "versions": sorted(st.table.versions),
+                "popularity_fallback": sorted(self.popular)}
+        if problems:
+            return False, body | {"detail": "not every routed version serves: " + "; ".join(problems)}
+        return True, body
+
+    def breaker_report(self) -> dict[str, Any]:
+        return {"replica": self.s.replica,
+                "config": {"failures": self.s.breaker.failures, "window_s": self.s.breaker.window_s,
+                           "cooldown_s": self.s.breaker.cooldown_s},
+                "breakers": {str(v): b.as_dict() for v, b in sorted(self.breakers.items())},
+                "trips": list(self.trips),
+                "fallback": {"popularity": {str(v): p.info() for v, p in sorted(self.popular.items())},
+                             "static": {"items": len(self.static.items), "source": self.static.source}
+                             if self.static is not None else None}}
 
     async def write_routes(self, body: RouteWriteIn) -> dict[str, Any]:
         try:
@@ -426,7 +594,17 @@ def create_app(settings: RouterSettings) -> FastAPI:  # noqa: C901
     async def health() -> dict[str, Any]:
         st = router.state
         return {"status": "ok" if st else "no_routes", "replica": settings.replica,
-                "revision": st.revision if st else 0, "applied_at": st.applied_at if st else None}
+                "revision": st.revision if st else 0, "applied_at": st.applied_at if st else None,
+                "breakers": {str(v): b.state for v, b in sorted(router.breakers.items())}}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok, body = await router.readiness()
+        return JSONResponse({"ready": ok, "replica": settings.replica, **body}, status_code=200 if ok else 503)
+
+    @app.get("/admin/breakers", dependencies=admin)
+    async def breakers() -> dict[str, Any]:
+        return router.breaker_report()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -44,5 +44,19 @@ class RouterMetrics:
                               "applies", registry=r)
         self.share = Gauge("dayloop_router_route_share", "Share of buckets routed to a version",
                            ["version"], registry=r)
+        self.breaker_state = Gauge("dayloop_router_breaker_state", "Circuit of a version in this replica: "
+                                   "0 closed, 1 half-open, 2 open", ["version"], registry=r)
+        self.breaker_trips = Counter("dayloop_router_breaker_trips", "Times a version's circuit opened",
+                                     ["version"], registry=r)
+        self.breaker_rejected = Counter("dayloop_router_breaker_rejected", "Requests a version's open "
+                                        "circuit kept from it", ["version"], registry=r)
+        self.level_answers = Counter("dayloop_router_level_answers", "Lists served, by the level of the "
+                                     "fallback chain: model, popularity, static", ["level"], registry=r)
+        self.level_clicks = Counter("dayloop_router_level_clicks", "Clicks on lists served by a fallback "
+                                    "level (popularity, static)", ["level"], registry=r)
+        for level in ("model", "popularity", "static"):
+            self.level_answers.labels(level)
+        for level in ("popularity", "static"):
+            self.level_clicks.labels(level)
         self.bad_requests = Counter("dayloop_router_bad_requests", "Requests refused with a 4xx",
                                     ["endpoint"], registry=r)

@@ -71,6 +71,7 @@ class Recommendation:
     items: list[int]
     version: int
     impression_id: str
+    level: int = 0  # 0: the version's model; 1, 2: the router's fallback chain
 
 
 def _is_int(x: Any) -> bool:
@@ -93,7 +94,10 @@ def parse_recommendation(body: Any, k: int) -> Recommendation:
     scores = body.get("scores")
     if scores is not None and (not isinstance(scores, list) or len(scores) != len(items)):
         raise MalformedResponse("scores do not match items")
-    return Recommendation(items=items, version=version, impression_id=imp)
+    level = body.get("level", 0)
+    if not _is_int(level) or not 0 <= level <= 2:
+        raise MalformedResponse(f"level {level!r} is not 0, 1 or 2")
+    return Recommendation(items=items, version=version, impression_id=imp, level=level)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -152,11 +156,16 @@ class Stats:
     feedback_ok: int = 0
     feedback_failed: Counter = field(default_factory=Counter)
     per_version: dict[int, VersionStats] = field(default_factory=dict)
+    per_level: Counter = field(default_factory=Counter)  # fallback answers (levels 1, 2)
+    retried: int = 0  # sends delivered by another replica after a refused connection
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def record_ok(self, version: int, latency_s: float, n_items: int, n_clicks: int) -> None:
+    def record_ok(self, version: int, latency_s: float, n_items: int, n_clicks: int, level: int = 0) -> None:
         self.ok += 1
         self.latency.record(latency_s)
+        if level:  # a fallback list is not the version's answer
+            self.per_level[level] += 1
+            return
         v = self.per_version.setdefault(version, VersionStats())
         v.impressions += 1
         v.items_shown += n_items
@@ -197,6 +206,8 @@ class Stats:
                          "ctr": round(s.clicks / s.impressions, 6) if s.impressions else None}
                 for v, s in sorted(self.per_version.items())
             },
+            "fallback_levels": {str(k): n for k, n in sorted(self.per_level.items())},
+            "retried_on_other_replica": self.retried,
             "rate": rate,
             "send_rate": round(self.sent / elapsed_s, 3) if elapsed_s > 0 else None,
             "elapsed_s": round(elapsed_s, 3),

@@ -113,6 +113,25 @@ class Simulator:
             print(f"simulator: request {i} crashed: {task.exception()!r}", file=sys.stderr)
         self._started.discard(i)
 
+    async def _send(self, client: httpx.AsyncClient, router: str, user_id: int) -> tuple[httpx.Response, str]:
+        """POST /recommend to ``router``; a refused connection (the replica is down, so the
+        request never reached it) goes to the next replica, as a load balancer does."""
+        body = {"user_id": user_id, "k": self.cfg.k}
+        routers = self.cfg.routers
+        start = routers.index(router) if router in routers else 0
+        for n in range(len(routers)):
+            target = routers[(start + n) % len(routers)]
+            try:
+                resp = await client.post(f"{target}/recommend", json=body)
+            except httpx.ConnectError:
+                if n + 1 == len(routers):
+                    raise
+                continue
+            if n:
+                self.stats.retried += 1
+            return resp, target
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _one(self, client: httpx.AsyncClient, i: int, router: str, user_id: int) -> None:
         self._started.add(i)
         answered = False
@@ -120,8 +139,7 @@ class Simulator:
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(self.cfg.timeout):
-                    resp = await client.post(f"{router}/recommend",
-                                             json={"user_id": user_id, "k": self.cfg.k})
+                    resp, router = await self._send(client, router, user_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
@@ -143,7 +161,7 @@ class Simulator:
             rng = np.random.default_rng([self.cfg.seed, _CLICK_STREAM, i])
             relevant = self.panel.relevant.get(user_id, frozenset())
             clicks = simulate_clicks(rec.items, relevant, rng, self.cfg.p_relevant, self.cfg.p_noise)
-            self.stats.record_ok(rec.version, latency, len(rec.items), int(clicks.size))
+            self.stats.record_ok(rec.version, latency, len(rec.items), int(clicks.size), rec.level)
             # One at a time: a task then holds at most one pooled connection.
             for pos in clicks.tolist():
                 await self._feedback(client, router, rec.impression_id, rec.items[pos])

@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args.repository.mkdir(parents=True, exist_ok=True)
     cmd = server_command(paths, args.repository, backends, args.http_port, args.grpc_port,
                          args.metrics_port, args.host)
+    # Restore on (re)start: the version folders in the repository are the live set the
+    # control plane left (version_policy all), so load them at start-up; with
+    # --strict-readiness the server reports ready only once they are.
+    from serving.triton.repository import present_versions
+
+    if present_versions(args.repository):
+        cmd.append(f"--load-model={MODEL_NAME}")
     os.execve(cmd[0], cmd, server_env(paths))
     return 0  # pragma: no cover - execve does not return
 
