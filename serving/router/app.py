@@ -206,6 +206,11 @@ class Router:
             m.breaker_trips.labels(str(v))
             m.breaker_rejected.labels(str(v))
             self._ensure_popularity(v)
+        for v in old - table.versions:
+            # no longer routed: its circuit and fallback list start afresh if it comes back
+            self.breakers.pop(v, None)
+            self.metrics.breaker_state.labels(str(v)).set(0)
+            self.popular.pop(v, None)
         log.info("%s applied route revision %d: %s", self.s.replica, revision, table.as_dict())
 
     # ------------------------------------------------------------------ breakers and fallback lists

@@ -117,29 +117,35 @@ def test_a_nan_canary_is_cut_off_by_its_breaker_and_only_it(plane):
     _wait_popularity(plane, (1, 2))
     plane["client"].router.set_fault(2, nan_rate=1.0)
     onset = time.monotonic()
+    before = [httpx.get(u + "/metrics").text for u in plane["routers"]]
     levels, served, cut_off_at = set(), [], None
     with httpx.Client() as http:
         for i in range(400):
             body = _ask(http, plane, USERS[i % len(USERS)], i)
             levels.add(body["level"])
             served.append(body["version"])
-            if cut_off_at is None and all(b["breakers"].get("2", {}).get("state") == "open"
-                                          for b in _breakers(plane)):
+            if i % 4 == 3 and all(b["breakers"].get("2", {}).get("state") == "open" for b in _breakers(plane)):
                 cut_off_at = time.monotonic() - onset
                 break
-    assert cut_off_at is not None and cut_off_at <= 1.0, cut_off_at
+    assert cut_off_at is not None, "the canary's circuit never opened"
     assert levels == {0} and set(served) == {1}, "users only ever saw the stable version's lists"
+    # each replica let exactly `failures` (3) faulty attempts through before it opened
+    line = 'dayloop_router_requests_total{version="2"}'
+    opened = [httpx.get(u + "/metrics").text for u in plane["routers"]]
+    assert [_sample(t, line) - _sample(b, line) for t, b in zip(opened, before, strict=True)] == [3.0, 3.0]
+    print(f"NaN canary: both replicas' circuits open {cut_off_at:.2f} s after the fault, "
+          f"{len(served)} sequential requests")
     reports = _breakers(plane)
     for rep in reports:
         assert rep["breakers"]["1"]["state"] == "closed"
         assert rep["trips"][-1]["version"] == 2 and rep["trips"][-1]["faults"] == {"nonfinite": 3}
     # while open, v2 gets no attempts at all: its request counter stands still
     before = [httpx.get(u + "/metrics").text for u in plane["routers"]]
+    line = 'dayloop_router_requests_total{version="2"}'
     with httpx.Client() as http:
         for i in range(60):
             assert _ask(http, plane, USERS[i], i)["version"] == 1
     after = [httpx.get(u + "/metrics").text for u in plane["routers"]]
-    line = 'dayloop_router_requests_total{version="2"}'
     assert [_sample(t, line) for t in before] == [_sample(t, line) for t in after]
     assert all(_sample(t, 'dayloop_router_breaker_trips_total{version="2"}') == 1.0 for t in after)
     assert all(_sample(t, 'dayloop_router_breaker_state{version="2"}') == 2.0 for t in after)
