@@ -11,7 +11,10 @@ Trigger it from the Airflow UI (**Trigger DAG** form):
 
 `validate_request` checks everything first (the version exists, has its paired index, was
 champion before); any bad input fails here with the reason and nothing is changed.
-`roll_back` then loads the pair if needed, routes 100% of users to it in one
+It is unpaused from its creation: a trigger (UI form or REST API) runs at once.
+When the target already has 100% of users, `roll_back` checks that it truly serves (every
+router replica embeds and searches a probe request with it); if not, it reloads the pair
+and says so ("repaired"), otherwise "already serving". Else `roll_back` loads the pair if needed, routes 100% of users to it in one
 compare-and-swap write that wins over any rollout in flight (the daily run's bake sees the
 table taken over and stops without fighting), moves the `champion`/`previous` aliases, and
 records who triggered it, when and why. Users keep being served throughout.
@@ -34,6 +37,8 @@ DEFAULT_ARGS = {
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # an emergency tool: runs the moment it is triggered, never waits for someone to unpause it
+    is_paused_upon_creation=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     dagrun_timeout=pendulum.duration(minutes=30),

@@ -122,6 +122,32 @@ class RouterAdmin:
                 return False
             time.sleep(poll_s)
 
+    def probe(self, version: int) -> dict[str, Any]:
+        """Does ``version`` truly serve, from every replica (a real embed + search each)?
+        ``{"serving": bool, "problems": [...], "replicas": {url: report}}``; an unreachable
+        replica is a problem."""
+        reports: dict[str, Any] = {}
+        problems: list[str] = []
+        for url in self.urls:
+            try:
+                rep = self._call("GET", f"/admin/versions/{int(version)}/probe", url=url)
+            except (httpx.HTTPError, RouterAdminError) as exc:
+                rep = {"serving": False, "problems": [f"{url} unreachable or refused: {exc}"]}
+            reports[url] = rep
+            problems += [f"{url}: {p}" for p in rep.get("problems", [])]
+        return {"version": int(version), "serving": not problems, "problems": problems, "replicas": reports}
+
+    def breakers(self) -> dict[str, Any]:
+        """Each replica's circuit breakers, trips and fallback lists (``GET /admin/breakers``);
+        an unreachable replica maps to None."""
+        out: dict[str, Any] = {}
+        for url in self.urls:
+            try:
+                out[url] = self._call("GET", "/admin/breakers", url=url)
+            except (httpx.HTTPError, RouterAdminError):
+                out[url] = None
+        return out
+
     def set_fault(self, version: int, latency_ms: float = 0.0, error_rate: float = 0.0,
                   nan_rate: float = 0.0) -> None:
         """Inject a fault for one version on every replica (needs fault injection enabled)."""

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -527,6 +528,27 @@ class Router:
             return False, body | {"detail": "not every routed version serves: " + "; ".join(problems)}
         return True, body
 
+    async def probe(self, version: int) -> dict[str, Any]:
+        """Does ``version`` truly serve from this replica: model loaded and ready, index loaded
+        with the model's width, and one real request (embed + search) answered with finite
+        scores? Recorded nowhere (no metric, no breaker): an operator's check, not traffic."""
+        from serving.routing import single_version_table
+
+        problems = await self.pairing_problems(single_version_table(version))
+        if not problems:
+            try:
+                async with asyncio.timeout(self.s.stable_timeout_s):
+                    ids, _ = await self._attempt_inner(version, 0, 1, self.s.stable_timeout_s)
+                if not ids:
+                    problems.append(f"v{version}: the index answered an empty list")
+            except TimeoutError:
+                problems.append(f"v{version}: no answer within {self.s.stable_timeout_s:.1f} s")
+            except AttemptFailed as exc:
+                problems.append(f"v{version}: a probe request failed: {exc}")
+        br = self.breakers.get(version)
+        return {"replica": self.s.replica, "version": version, "serving": not problems, "problems": problems,
+                "breaker": br.state if br is not None else None}
+
     def breaker_report(self) -> dict[str, Any]:
         return {"replica": self.s.replica,
                 "config": {"failures": self.s.breaker.failures, "window_s": self.s.breaker.window_s,
@@ -606,6 +628,10 @@ def create_app(settings: RouterSettings) -> FastAPI:  # noqa: C901
     async def ready() -> JSONResponse:
         ok, body = await router.readiness()
         return JSONResponse({"ready": ok, "replica": settings.replica, **body}, status_code=200 if ok else 503)
+
+    @app.get("/admin/versions/{version}/probe", dependencies=admin)
+    async def probe(version: Annotated[int, FastAPIPath(ge=1, le=10**9)]) -> dict[str, Any]:
+        return await router.probe(version)
 
     @app.get("/admin/breakers", dependencies=admin)
     async def breakers() -> dict[str, Any]:

@@ -191,30 +191,68 @@ def test_the_routers_export_impressions_and_clicks_per_bucket_group_and_version(
     assert all(math.isnan(x) for x in read_groups(prom, [other], start, end, n_groups=N_GROUPS).impressions)
 
 
-def test_a_canary_emitting_nan_is_rolled_back_at_its_first_step(world):
+def test_a_canary_emitting_nan_is_cut_off_by_the_breakers_and_rolled_back_at_its_first_step(world):
+    """What the bake trigger does between looks: read the routers' breakers, and on a trip of
+    the canary cut it off with one route write; the rollback task then only drains, unloads
+    and tags. A look of the same step reads the trip too and fails citing it."""
     s, reg, client, v = world["settings"], world["reg"], world["client"], world["v"]
     champion = int(reg.alias_version(CHAMPION).version)
     ctx = controller.deploy_canary(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
     client.router.set_fault(v[2], nan_rate=1.0)
     try:
         t0 = time.monotonic()
-        result = _bake(ctx, 0, ctx.started_at)
-        assert result["decision"] == "fail"
-        assert {c["name"]: c["phase"] for c in result["analysis"]["checks"]}["nonfinite"] == "fail"
+        trips = []
+        while not trips and time.monotonic() - t0 < 30:
+            time.sleep(0.25)
+            trips = bake.watch_breakers(ctx, ctx.started_at)
+        tripped_s = time.monotonic() - t0
+        looked = bake.look(ctx, 0, ctx.started_at, None)
+        result = bake.cut_off(ctx, 0, ctx.started_at, trips)
+        cut_s = time.monotonic() - t0
         reason = controller.fail_step(s, ctx, _record(ctx, 0, result))
         out = controller.rollback_canary(s, {"version": v[2]}, ctx, "test")
-        onset_to_champion = time.monotonic() - t0
     finally:
         client.router.clear_faults()
-    assert out["rolled_back"] and out["routed"] and "nonfinite" in reason
-    assert client.router.routes().table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    print(f"NaN canary: fault -> breaker trip seen {tripped_s:.2f} s, -> 100% champion in the table {cut_s:.2f} s")
+    assert trips and all("circuit breaker opened on v%d" % v[2] in t and "nonfinite 3" in t for t in trips)
+    assert looked["decision"] == "fail" and any("circuit breaker" in r for r in looked["reasons"])
+    assert result["decision"] == "fail" and any("cut off: 100% to champion" in r for r in result["reasons"])
+    current = client.router.routes()
+    assert current.table.as_dict()["routes"] == [{"start": 0, "end": 10000, "version": champion}]
+    assert current.actor == f"rollout/v{v[2]}/breaker" and "circuit-breaker cut-off" in current.reason
+    assert out["rolled_back"] and not out["routed"], "the cut-off had already routed the champion"
+    assert "circuit breaker" in reason and "nonfinite" in reason
     tags = dict(reg.get_version(v[2]).tags)
     assert tags["dayloop.rollout.status"] == "rolled_back" and "nonfinite" in tags["dayloop.rollout.reason"]
     assert reg.alias_version(CHALLENGER) is None and int(reg.alias_version(CHAMPION).version) == champion
     assert v[2] not in client.triton.ready_versions()
-    assert onset_to_champion < 60
     with pytest.raises(controller.RolloutNotAllowed, match="already rolled out"):
         controller.deploy_canary(s, {"version": v[2], "alias": "challenger"}, FAST, "test")
+    assert sum(_failed(world).values()) == 0, _failed(world)
+
+
+def test_a_manual_rollback_to_the_champion_repairs_a_champion_that_does_not_truly_serve(world):
+    """The table routes 100% to the champion, but its index was unloaded behind everyone's
+    back: the routers answer from the fallback chain. A manual rollback to ``champion`` probes
+    what serves, reloads the pair and says so; asked again, it verifies and changes nothing."""
+    s, reg, client = world["settings"], world["reg"], world["client"]
+    champion = int(reg.alias_version(CHAMPION).version)
+    assert client.router.probe(champion)["serving"]
+    client.index.unload_index(champion)
+    before = client.router.routes()
+    probe = client.router.probe(champion)
+    assert not probe["serving"] and any("index not loaded" in p for p in probe["problems"]), probe
+    out = manual.execute_rollback(s, client, model=None, target="champion", reason="users get fallback lists",
+                                  actor="carol")
+    assert out["changed"] and out["repaired"] and out["verified"], out
+    assert any("index not loaded" in p for p in out["repaired"])
+    assert client.router.probe(champion)["serving"]
+    assert client.router.routes().revision == before.revision, "the table was right: not rewritten"
+    assert "index not loaded" in dict(reg.get_version(champion).tags)["dayloop.manual_rollback.repaired"]
+    again = manual.execute_rollback(s, client, model=None, target="champion", reason="check it again",
+                                    actor="carol")
+    assert not again["changed"] and again["verified"]
+    time.sleep(1.0)
     assert sum(_failed(world).values()) == 0, _failed(world)
 
 

@@ -19,6 +19,10 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 MAX_LOOKS_KEPT = 60
+# Between looks the trigger reads the routers' circuit breakers this often: a canary whose
+# breaker trips (hard faults) is cut off by one route write from here, without waiting for
+# the next look, the resume hold below or a worker slot.
+BREAKER_POLL_S = 0.5
 # The earliest an event may fire after its task deferred. Airflow 3.3 can fail a resumed
 # deferred task when the trigger fires before the scheduler has drained the executor's
 # "success" event for the deferring attempt (apache/airflow#66374, #67287, #72716: "reported
@@ -74,10 +78,13 @@ class BakeTrigger(BaseTrigger):
             # Resume the step's own look schedule (after a restart, the next due look).
             k = max(k, int((now - start).total_seconds() // interval) + 1)
             due = start + dt.timedelta(seconds=k * interval)
-            await asyncio.sleep(max(0.0, (due - now).total_seconds()))
+            trips = await self._watch(ctx, bake, due)
             k += 1
             try:
-                result = await asyncio.to_thread(bake.look, ctx, self.step_index, self.started_at, state)
+                if trips:
+                    result = await asyncio.to_thread(bake.cut_off, ctx, self.step_index, self.started_at, trips)
+                else:
+                    result = await asyncio.to_thread(bake.look, ctx, self.step_index, self.started_at, state)
             except Exception as exc:  # noqa: BLE001 - an unexpected error is one inconclusive look
                 elapsed = (bake.now_utc() - start).total_seconds()
                 decision, why = bake.decide("inconclusive", elapsed, step)
@@ -102,3 +109,16 @@ class BakeTrigger(BaseTrigger):
                                            "started_at": self.started_at, "ended_at": result["at"],
                                            "result": result, "looks": looks, "ctr_state": state}))
             return
+
+    async def _watch(self, ctx: Any, bake: Any, due: dt.datetime) -> list[str]:
+        """Sleep until ``due``, reading the routers' breakers every BREAKER_POLL_S; the
+        canary's trips as soon as there are any, else [] at ``due``."""
+        while True:
+            left = (due - bake.now_utc()).total_seconds()
+            if left <= 0:
+                return []
+            await asyncio.sleep(min(BREAKER_POLL_S, left))
+            trips = await asyncio.to_thread(bake.watch_breakers, ctx, self.started_at)
+            if trips:
+                self.log.warning("circuit breaker tripped on v%s: %s", ctx.version, "; ".join(trips))
+                return trips

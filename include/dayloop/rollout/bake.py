@@ -125,6 +125,9 @@ def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mappi
     if not ctx.owns(current):
         out.update(decision=ABORTED, phase=ABORTED, reasons=[taken_over(current)])
         return to_plain(out)
+    tripped = breaker_trips(client, ctx.version, start)
+    if tripped:
+        return _finish(out, "fail", tripped, step, elapsed)
 
     scrape = endpoints.scrape_interval_s
     window_start = start + dt.timedelta(seconds=plan.drain_seconds)
@@ -164,6 +167,60 @@ def look(ctx: RolloutContext, step_index: int, started_at: str, ctr_state: Mappi
     out["analysis"] = analysis.as_dict()
     out["ctr_state"] = analysis.ctr_state.to_dict() if analysis.ctr_state is not None else ctr_state
     return _finish(out, phase, reasons, step, elapsed)
+
+
+def breaker_trips(client: Any, version: int, since: dt.datetime) -> list[str]:
+    """One sentence per circuit-breaker trip of ``version`` any router replica reports since
+    ``since`` (a hard fault: errors, NaN, timeouts over a short window). A replica that does
+    not answer reports nothing here; the look's scrape check covers it."""
+    out = []
+    for url, report in client.router.breakers().items():
+        for trip in (report or {}).get("trips", []):
+            if trip.get("version") != version or float(trip.get("at", 0)) < since.timestamp():
+                continue
+            at = dt.datetime.fromtimestamp(float(trip["at"]), dt.timezone.utc).isoformat(timespec="milliseconds")
+            faults = ", ".join(f"{k} {n}" for k, n in sorted((trip.get("faults") or {}).items()))
+            out.append(f"circuit breaker opened on v{version} in {trip.get('replica', url)} at {at}: "
+                       f"{trip.get('why')} ({faults})")
+    return out
+
+
+def watch_breakers(ctx: RolloutContext, started_at: str) -> list[str]:
+    """The trips of the canary since its step began (the bake trigger polls this between
+    looks); [] when none, or when the routers cannot be read right now."""
+    from serving.client import DataPlaneClient
+
+    client = DataPlaneClient.from_plane_file(ctx.require_endpoints().plane_file)
+    try:
+        return breaker_trips(client, ctx.version, parse_time(started_at))
+    except Exception as exc:  # noqa: BLE001 - the next look reads the routers again
+        log.info("breaker watch: routers unreadable (%s)", exc)
+        return []
+
+
+def cut_off(ctx: RolloutContext, step_index: int, started_at: str, trips: list[str]) -> dict[str, Any]:
+    """Fail the step on breaker trips and send 100% to the champion at once (one route write,
+    only while the table is still this rollout's); the result is the step's decision."""
+    from dayloop.rollout import deploy
+    from serving.client import DataPlaneClient
+
+    plan = ctx.require_plan()
+    step = plan.steps[step_index]
+    now = now_utc()
+    elapsed = (now - parse_time(started_at)).total_seconds()
+    client = DataPlaneClient.from_plane_file(ctx.require_endpoints().plane_file)
+    out: dict[str, Any] = {"at": now.isoformat(timespec="seconds"), "step": step_index, "percent": step.percent,
+                           "elapsed_s": round(elapsed, 1), "analysis": None, "ctr_state": None}
+    reasons = list(trips)
+    try:
+        rev = deploy.cut_off(client, ctx.version, ctx.champion, ctx.owns, trips[0],
+                             f"rollout/v{ctx.version}/breaker")
+        reasons.append(f"cut off: 100% to champion v{ctx.champion} at revision {rev.revision} by the bake"
+                       if rev is not None else "the route table was no longer this rollout's: no cut-off written")
+    except Exception as exc:  # noqa: BLE001 - the DAG's rollback task still puts the champion back
+        reasons.append(f"cut-off write failed ({type(exc).__name__}: {exc}); the rollback task routes instead")
+    out.update(decision=FAILED, phase="fail", reasons=reasons)
+    return to_plain(out)
 
 
 def user_ctr_state(ctx: RolloutContext, doc: Mapping[str, Any] | None, thresholds: Any):

@@ -257,6 +257,28 @@ def rollback(settings: Settings, client: DataPlaneClient, version: int, reason: 
     return {"version": version, "champion": stable, "revision": revision, "routed": routed}
 
 
+def cut_off(client: DataPlaneClient, version: int, champion: int, owns: Callable[[Revision | None], bool],
+            why: str, actor: str) -> Revision | None:
+    """One route write sending 100% to ``champion`` while the table is still the rollout's
+    (``owns``): the bake's answer to a circuit-breaker trip, before the DAG's rollback task
+    runs (which then finds the canary unrouted and only drains, unloads and tags it). No
+    load: the champion is the table's stable version, serving throughout, and the router
+    refuses the write if it is not. None when the table is no longer the rollout's."""
+    from serving.routing import new_salt, single_version_table
+
+    def make_table(current: Revision | None) -> RouteTable:
+        if not owns(current):
+            raise _NotRouted(current)
+        return single_version_table(champion, new_salt(champion, "cutoff"))
+
+    try:
+        rev = write_routes(client, make_table, actor, f"circuit-breaker cut-off of v{version}: {why}")
+    except _NotRouted:
+        return None
+    log.warning("cut v%s off: 100%% to champion v%s (revision %s): %s", version, champion, rev.revision, why)
+    return rev
+
+
 class _NotRouted(Exception):
     def __init__(self, current: Revision | None) -> None:
         super().__init__("version not routed")

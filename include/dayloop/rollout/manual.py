@@ -119,11 +119,17 @@ def execute_rollback(settings: Settings, client: Any, *, model: str | None, targ
                     "v%s%s; nothing changed", version, plan["shares"], plan["revision"], version, plan["champion"],
                     f", abort canary v{plan['canary_in_flight']}" if plan["canary_in_flight"] else "")
         return {**plan, "dry_run": True, "changed": False}
-    if plan["already_serving"]:
-        log.info("v%s already serves 100%% as champion: nothing to change", version)
-        return {**plan, "dry_run": False, "changed": False}
-
     reg = Registry(settings)
+    if plan["already_serving"]:
+        # The table says so; what serves decides. Probe the pair on every replica and
+        # repair (reload what is missing) when it does not truly serve.
+        probe = client.router.probe(version)
+        if probe["serving"]:
+            log.info("v%s already serves 100%% as champion, and answers a probe on every replica: "
+                     "nothing to change", version)
+            return {**plan, "dry_run": False, "changed": False, "verified": True}
+        return _repair(settings, client, reg, plan, probe["problems"], actor, reason, force, t0)
+
     pair = serving_pair(settings, version, require_gate=not force)
     load_pair(client, pair)  # the target serves before it is given users
     salt = new_salt(version, "manual")
@@ -157,3 +163,31 @@ def execute_rollback(settings: Settings, client: Any, *, model: str | None, targ
                 version, rev.revision, routed_s, actor, reason.strip())
     return {**plan, "dry_run": False, "changed": True, "revision": rev.revision,
             "routed_after_s": round(routed_s, 2), "actor": actor, "at": now}
+
+
+def _repair(settings: Settings, client: Any, reg: Any, plan: dict[str, Any], problems: list[str], actor: str,
+            reason: str, force: bool, t0: float) -> dict[str, Any]:
+    """The table routes 100% to the target, which does not truly serve: load its pair again
+    (only what is missing is loaded), probe again, record it. Raises DayloopError when the
+    pair still does not serve (the table is left as it is: it names the right version)."""
+    from dayloop.rollout.pairs import load_pair, serving_pair
+
+    version = plan["target"]
+    log.warning("v%s is routed 100%% but does not truly serve: %s; reloading its pair", version,
+                "; ".join(problems))
+    pair = serving_pair(settings, version, require_gate=not force)
+    loaded = load_pair(client, pair)
+    after = client.router.probe(version)
+    if not after["serving"]:
+        raise DayloopError(f"v{version} still does not serve after reloading its pair: "
+                           + "; ".join(after["problems"]))
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    reg.set_tags(version, {f"{TAG_MANUAL}actor": actor, f"{TAG_MANUAL}at": now,
+                           f"{TAG_MANUAL}reason": reason.strip()[:4000],
+                           f"{TAG_MANUAL}repaired": "; ".join(problems)[:4000]})
+    took = time.monotonic() - t0
+    log.warning("manual rollback: repaired v%s (was: %s); it answers on every replica again, %.1f s after the "
+                "request, by %s: %s", version, "; ".join(problems), took, actor, reason.strip())
+    return {**plan, "dry_run": False, "changed": True, "repaired": problems, "verified": True,
+            "loaded": {"triton": loaded.get("triton"), "index": loaded.get("index")},
+            "repaired_after_s": round(took, 2), "actor": actor, "at": now}
