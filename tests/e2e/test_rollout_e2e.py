@@ -16,7 +16,9 @@ previous ones left, as a real deployment would):
 9. a run marked failed by a person while its canary bakes never reaches its rollback task;
    the run listener (plugins/) puts the champion back;
 10. a manual rollback during a ramp wins; a rollback to an unknown version is refused;
-11. malformed Params are refused and create no run.
+11. malformed Params are refused and create no run;
+12. manual_rollback, never unpaused by anyone, repairs a champion whose index was unloaded
+    behind its back.
 
 Each asserts the route table, the aliases, the version tags and zero failed user requests.
 """
@@ -276,6 +278,16 @@ def _fault_scenario(loop, registry, name: str, fault: dict, reason_has: str) -> 
     return canary
 
 
+def _assert_cut_off_by_breaker(loop, registry, canary: int) -> None:
+    """The canary's breakers tripped, the bake cut it off (one route write, the trip in the
+    step's reasons) and the rollback task found it already unrouted."""
+    tags = dict(registry.get_version(canary).tags)
+    assert "circuit breaker opened on v%d" % canary in tags["dayloop.rollout.reason"], tags
+    history = _client(loop).router.history(limit=20)
+    cut = [r for r in history if r["actor"] == f"rollout/v{canary}/breaker"]
+    assert cut and "circuit-breaker cut-off" in cut[0]["reason"], history[:3]
+
+
 # --------------------------------------------------------------------------- scenarios
 
 
@@ -283,9 +295,9 @@ def test_1_the_scheduled_run_bootstraps_the_champion_and_serves_it(loop, registr
     api = _api(loop)
     api.wait_healthy()
     api.wait_dag(DAG)
-    api.wait_dag("manual_rollback")
+    # the emergency tool is unpaused from its creation: nobody has to find the toggle first
+    assert api.wait_dag("manual_rollback")["is_paused"] is False
     api.set_paused(DAG, False)
-    api.set_paused("manual_rollback", False)
     # catchup=False: unpausing makes the scheduler run the last closed day by itself.
     day = loop["days"]["bootstrap"].isoformat()
     run = _wait(lambda: next((r for r in api.runs(DAG) if (r.get("logical_date") or "")[:10] == day), None),
@@ -367,6 +379,7 @@ def test_3_an_aa_canary_the_champions_own_bundle_is_promoted_by_the_ctr_test(loo
 
 def test_4_a_challenger_emitting_nan_is_rolled_back_at_the_first_step(loop, registry):
     canary = _fault_scenario(loop, registry, "nan", {"nan_rate": 1.0}, "nonfinite")
+    _assert_cut_off_by_breaker(loop, registry, canary)
     tags = dict(registry.get_version(canary).tags)
     assert tags["dayloop.rollout.step0"].startswith("fail") and "dayloop.rollout.step1" not in tags
 
@@ -376,7 +389,8 @@ def test_5_added_latency_on_the_canary_is_rolled_back(loop, registry):
 
 
 def test_6_an_error_rate_on_the_canary_is_rolled_back(loop, registry):
-    _fault_scenario(loop, registry, "errors", {"error_rate": 0.5}, "error_ratio")
+    canary = _fault_scenario(loop, registry, "errors", {"error_rate": 0.5}, "injected_error")
+    _assert_cut_off_by_breaker(loop, registry, canary)
 
 
 def test_7_a_worse_model_that_passes_the_offline_gate_is_rolled_back_by_the_ctr_test(loop, registry):
@@ -485,3 +499,25 @@ def test_11_a_bad_param_is_refused_and_creates_no_run(loop):
             api.trigger(DAG, loop["days"]["refused"], conf=conf)
         assert "400" in str(err.value) or "422" in str(err.value)
     assert len(api.runs(DAG)) == before
+
+
+def test_12_manual_rollback_repairs_a_champion_whose_index_was_unloaded_behind_its_back(loop, registry):
+    """The table still routes 100% to the champion but its index is gone from the index
+    service (unloaded with the admin API, not by the control plane): users get the routers'
+    popularity fallback. manual_rollback to ``champion``, triggered through the REST API with
+    no unpausing, probes what serves, reloads the pair and records the repair."""
+    api, client = _api(loop), _client(loop)
+    champion = int(registry.alias_version("champion").version)
+    before = _routes(loop)["revision"]
+    client.index.unload_index(champion)
+    assert not client.router.probe(champion)["serving"]
+    t0 = time.monotonic()
+    run = api.trigger("manual_rollback", conf={"target_version": "champion", "reason": "e2e: index gone"})
+    assert api.wait_run("manual_rollback", run["dag_run_id"], timeout_s=300)["state"] == "success"
+    took = time.monotonic() - t0
+    print(f"\nmanual rollback repair: trigger -> champion v{champion} serving again: {took:.1f} s")
+    assert client.router.probe(champion)["serving"]
+    assert _routes(loop)["revision"] == before
+    tags = dict(registry.get_version(champion).tags)
+    assert "index not loaded" in tags["dayloop.manual_rollback.repaired"], tags
+    assert _user_failures(loop) == {}
