@@ -58,6 +58,11 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   echo "setup: installing Prometheus"
   apt_install prometheus
 fi
+#    Alertmanager routes the production alerts (serving/prometheus/alerts.yml).
+if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+  echo "setup: installing Alertmanager"
+  apt_install prometheus-alertmanager
+fi
 
 # 5. The real dataset (never committed; MovieLens terms forbid redistribution).
 "$DAYLOOP_VENV/bin/python" -m dayloop.data.movielens

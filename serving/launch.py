@@ -23,10 +23,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.fileio import atomic_write_json
+from serving.fileio import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANE_FILE = "plane.json"
+#: Debian's package (prometheus-alertmanager) installs the binary under this name.
+ALERTMANAGER = "prometheus-alertmanager"
 
 
 @dataclass
@@ -42,6 +44,9 @@ class PlaneConfig:
     index_port: int = 8200
     router_ports: tuple[int, ...] = (8100, 8101)
     prometheus_port: int = 9090
+    alertmanager_port: int = 0  # 0: a free port, chosen once per config
+    alert_log_port: int = 0
+    alert_webhooks: tuple[str, ...] = ()  # besides the alert log (e.g. the rollout alerts' webhook)
     faults_enabled: bool = False
     scrape_interval: str = "1s"
     store_url: str | None = None
@@ -55,6 +60,9 @@ class PlaneConfig:
         self.home = Path(self.home).resolve()
         self.python = Path(self.python)
         self.router_ports = tuple(int(p) for p in self.router_ports)
+        self.alertmanager_port = int(self.alertmanager_port) or _free_port()
+        self.alert_log_port = int(self.alert_log_port) or _free_port()
+        self.alert_webhooks = tuple(self.alert_webhooks)
         if self.store_url is None:
             self.store_url = f"sqlite:///{self.home / 'routes.sqlite'}"
 
@@ -90,11 +98,47 @@ class PlaneConfig:
             "index_url": f"http://{h}:{self.index_port}",
             "router_urls": [f"http://{h}:{p}" for p in self.router_ports],
             "prometheus_url": f"http://{h}:{self.prometheus_port}",
+            "alertmanager_url": f"http://{h}:{self.alertmanager_port}",
+            "alert_log_url": f"http://{h}:{self.alert_log_port}",
             "prometheus_scrape_interval_s": float(self.scrape_interval.rstrip("s")),
             "token_file": str(self.token_file),
             "store_url": self.store_url,
             "faults_enabled": self.faults_enabled,
         }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def webhook_from_env(env: dict[str, str] | None = None) -> str | None:
+    """The rollout alerts' webhook for Alertmanager: ``DAYLOOP_ALERT_WEBHOOK``, else the URL of
+    the Airflow connection ``dayloop_alert_webhook`` when it is given in the environment
+    (``AIRFLOW_CONN_DAYLOOP_ALERT_WEBHOOK``, JSON with a ``host`` or a URI)."""
+    import json
+
+    env = dict(os.environ if env is None else env)
+    url = env.get("DAYLOOP_ALERT_WEBHOOK", "").strip()
+    if url:
+        return url
+    raw = env.get("AIRFLOW_CONN_DAYLOOP_ALERT_WEBHOOK", "").strip()
+    if not raw:
+        return None
+    if raw.startswith("{"):
+        try:
+            host = str(json.loads(raw).get("host") or "")
+        except (ValueError, AttributeError):
+            return None
+        return host if host.startswith(("http://", "https://")) else None
+    if raw.startswith(("http://", "https://")):
+        return raw
+    if raw.startswith("http+https://"):
+        return "https://" + raw.removeprefix("http+https://")
+    return None
 
 
 def _alive(pgid: int) -> bool:
@@ -272,12 +316,32 @@ class DataPlane:
             index_service=f"{c.host}:{c.index_port}",
             triton=f"{c.host}:{c.triton_metrics}",
             scrape_interval=c.scrape_interval,
+            alertmanager=f"{c.host}:{c.alertmanager_port}",
         )
         self._spawn("prometheus", ["prometheus", f"--config.file={config}",
                                    f"--web.listen-address={c.host}:{c.prometheus_port}",
                                    f"--storage.tsdb.path={conf_dir / 'data'}",
                                    "--storage.tsdb.retention.time=2d", "--web.enable-lifecycle"])
         self._wait("prometheus", f"http://{c.host}:{c.prometheus_port}/-/ready", timeout)
+
+    def start_alerting(self, timeout: float = 30.0) -> None:
+        """The alert log receiver and Alertmanager, which routes what Prometheus fires to it
+        and to the rollout alerts' webhook (``alert_webhooks``)."""
+        c = self.cfg
+        from serving.prometheus.render import alertmanager_text
+
+        self._spawn("alert_log", [str(c.python), "-m", "serving.alert_log", "--host", c.host,
+                                  "--port", str(c.alert_log_port), "--file", str(c.log_dir / "alerts.jsonl")])
+        self._wait("alert_log", f"http://{c.host}:{c.alert_log_port}/health", timeout)
+        conf_dir = c.home / "alertmanager"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        hooks = [f"http://{c.host}:{c.alert_log_port}/", *c.alert_webhooks]
+        atomic_write_text(conf_dir / "alertmanager.yml", alertmanager_text(hooks))
+        self._spawn("alertmanager", [ALERTMANAGER, f"--config.file={conf_dir / 'alertmanager.yml'}",
+                                     f"--storage.path={conf_dir / 'data'}",
+                                     f"--web.listen-address={c.host}:{c.alertmanager_port}",
+                                     "--cluster.listen-address=", "--log.level=warn"])
+        self._wait("alertmanager", f"http://{c.host}:{c.alertmanager_port}/-/ready", timeout)
 
     def start(self, prometheus: bool = True) -> dict[str, object]:
         """Start every service (already running ones are kept) and write plane.json."""
@@ -288,6 +352,7 @@ class DataPlane:
         self.start_index()
         self.start_routers()
         if prometheus:
+            self.start_alerting()
             self.start_prometheus()
         return self.cfg.endpoints()
 
@@ -305,7 +370,8 @@ class DataPlane:
 
     def service_names(self) -> list[str]:
         names = [p.stem for p in self.cfg.run_dir.glob("*.pgid")] if self.cfg.run_dir.is_dir() else []
-        order = {"simulator": 0, "prometheus": 1, "index_service": 3, "triton": 4}
+        order = {"simulator": 0, "prometheus": 1, "alertmanager": 1.5, "alert_log": 1.6, "index_service": 3,
+                 "triton": 4}
         return sorted(names, key=lambda n: (order.get(n, 2), n))
 
     def stop(self) -> list[str]:
@@ -330,6 +396,9 @@ def config_from_env(**overrides: object) -> PlaneConfig:
         index_port=int(os.environ.get("DAYLOOP_INDEX_PORT", 8200)),
         router_ports=tuple(int(p) for p in routers.split(",") if p),
         prometheus_port=int(os.environ.get("DAYLOOP_PROMETHEUS_PORT", 9090)),
+        alertmanager_port=int(os.environ.get("DAYLOOP_ALERTMANAGER_PORT", 9093)),
+        alert_log_port=int(os.environ.get("DAYLOOP_ALERT_LOG_PORT", 9097)),
+        alert_webhooks=tuple(u for u in [webhook_from_env()] if u),
         faults_enabled=os.environ.get("DAYLOOP_FAULT_INJECTION", "0") == "1",
     )
     kw.update(overrides)

@@ -26,6 +26,8 @@ TEMPLATE = HERE / "prometheus.yml.tmpl"
 RULES = HERE / "rules.yml"
 CONFIG_NAME = "prometheus.yml"
 RULES_NAME = "rules.yml"
+ALERTS = HERE / "alerts.yml"
+ALERTS_NAME = "alerts.yml"
 
 _HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
 _TARGET = re.compile(rf"^{_HOST}:(\d{{1,5}})$")
@@ -56,7 +58,8 @@ def _targets(value: str | Iterable[str] | None) -> list[str]:
 
 def config_text(routers: str | Iterable[str], index_service: str | Iterable[str] | None = None,
                 triton: str | Iterable[str] | None = None, scrape_interval: str = "1s",
-                evaluation_interval: str | None = None) -> str:
+                evaluation_interval: str | None = None,
+                alertmanager: str | Iterable[str] | None = None) -> str:
     """The prometheus.yml text for these targets (a job with no target scrapes nothing)."""
     routers = _targets(routers)
     if not routers:
@@ -74,20 +77,50 @@ def config_text(routers: str | Iterable[str], index_service: str | Iterable[str]
         router_targets=json.dumps(routers),
         index_targets=json.dumps(index_targets),
         triton_targets=json.dumps(triton_targets),
+        alertmanager_targets=json.dumps(_targets(alertmanager)),
+    )
+
+
+def alertmanager_text(webhooks: Iterable[str]) -> str:
+    """alertmanager.yml: every alert to each webhook (the rollout alerts' connection, the
+    data plane's alert log), grouped by alert name and version, resent every 5 minutes
+    while it fires, and a "resolved" message when it stops."""
+    urls = []
+    for url in webhooks:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or any(c in url for c in " \n\"'"):
+            raise ValueError(f"webhook must be an http(s) URL without quotes or spaces, got {url!r}")
+        urls.append(url)
+    if not urls:
+        raise ValueError("at least one webhook is needed")
+    configs = "\n".join(f"      - url: {json.dumps(u)}\n        send_resolved: true" for u in urls)
+    return (
+        "# Rendered by serving/prometheus/render.py; edit that, not this copy.\n"
+        "route:\n"
+        "  receiver: dayloop\n"
+        "  group_by: [alertname, version]\n"
+        "  group_wait: 1s\n"
+        "  group_interval: 5s\n"
+        "  repeat_interval: 5m\n"
+        "receivers:\n"
+        "  - name: dayloop\n"
+        "    webhook_configs:\n"
+        f"{configs}\n"
     )
 
 
 def render_config(out_dir: Path | str, routers: str | Iterable[str],
                   index_service: str | Iterable[str] | None = None,
-                  triton: str | Iterable[str] | None = None, scrape_interval: str = "1s") -> Path:
-    """Write prometheus.yml and rules.yml into ``out_dir``; returns the config's path.
+                  triton: str | Iterable[str] | None = None, scrape_interval: str = "1s",
+                  alertmanager: str | Iterable[str] | None = None) -> Path:
+    """Write prometheus.yml, rules.yml and alerts.yml into ``out_dir``; returns the config's path.
 
     Every argument is checked before anything is written."""
-    text = config_text(routers, index_service, triton, scrape_interval)
+    text = config_text(routers, index_service, triton, scrape_interval, alertmanager=alertmanager)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Rules first: a config never points at a rules file that is not there yet.
     atomic_write_text(out / RULES_NAME, RULES.read_text())
+    atomic_write_text(out / ALERTS_NAME, ALERTS.read_text())
     atomic_write_text(out / CONFIG_NAME, text)
     return out / CONFIG_NAME
 

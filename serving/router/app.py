@@ -192,6 +192,8 @@ class Router:
         shares = table.shares()
         for v in old | set(shares):
             self.metrics.share.labels(str(v)).set(shares.get(v, 0.0))
+        for v in old | table.versions:
+            self.metrics.stable.labels(str(v)).set(1 if v == table.stable else 0)
         m = self.metrics
         for v in table.versions:
             # a routed version's counters exist from the start at 0, so "no clicks / no NaN yet"

@@ -42,6 +42,8 @@ class RouterMetrics:
                              "sees it", buckets=LATENCY_BUCKETS, registry=r)
         self.revision = Gauge("dayloop_router_route_revision", "Route table revision this replica "
                               "applies", registry=r)
+        self.stable = Gauge("dayloop_router_stable", "1 for the route table's stable version (everyone's "
+                            "fallback), 0 for the others it named", ["version"], registry=r)
         self.share = Gauge("dayloop_router_route_share", "Share of buckets routed to a version",
                            ["version"], registry=r)
         self.breaker_state = Gauge("dayloop_router_breaker_state", "Circuit of a version in this replica: "
