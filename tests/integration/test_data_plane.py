@@ -34,7 +34,10 @@ def plane(tmp_path_factory):
     cfg = PlaneConfig(home=home, python=serving_python(), triton_http=free_port(), triton_grpc=free_port(),
                       triton_metrics=free_port(), index_port=free_port(),
                       router_ports=(free_port(), free_port()), prometheus_port=free_port(),
-                      faults_enabled=True)
+                      faults_enabled=True,
+                      # these tests count a faulty canary's every attempt; the breaker, which
+                      # would stop the attempts, has its own (tests/integration/test_self_healing.py)
+                      router_args=("--breaker-failures", "1000000"))
     dp = DataPlane(cfg)
     art = tmp_path_factory.mktemp("artifacts")
     versions = {}

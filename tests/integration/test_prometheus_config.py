@@ -101,7 +101,7 @@ def test_promtool_accepts_the_rendered_config_and_rules(tmp_path):
     assert '["127.0.0.1:8000", "router-2:8000"]' in text
     out = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "1 rule files found" in out.stdout + out.stderr
+    assert "2 rule files found" in out.stdout + out.stderr
     out = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "rules.yml")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

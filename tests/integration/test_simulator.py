@@ -174,12 +174,19 @@ def test_failures_are_counted_by_kind(fake_router, panel_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     final = lines[-1]
     fake = read_json(f"{fake_router}/_stats")
-    # Round robin: every other send went to the dead router.
-    assert fake["requests"] == final["sent"] // 2
-    assert final["failed"] == {"connection": final["sent"] // 2, "http_500": fake["errors"]}
+    # Round robin, but a refused connection (nothing listens: the request never reached a
+    # router) goes on to the next replica, as a load balancer would send it.
+    assert fake["requests"] == final["sent"]
+    assert final["retried_on_other_replica"] == final["sent"] // 2
+    assert final["failed"] == {"http_500": fake["errors"]}
     assert fake["errors"] == fake["requests"] // 4 > 0
     assert final["ok"] == fake["served"]
     assert final["ok"] + sum(final["failed"].values()) == final["sent"]
+    # with no replica listening, every send is a connection failure
+    proc, lines = simulate(["--router", dead, "--router", f"http://127.0.0.1:{free_port()}", "--panel",
+                            str(panel_path), "--rate", str(rate), "--duration", "1"])
+    assert proc.returncode == 0, proc.stderr
+    assert lines[-1]["failed"] == {"connection": lines[-1]["sent"]} and lines[-1]["sent"] > 0
 
 
 def test_overload_and_timeouts_are_counted_not_dropped(fake_router, panel_path, tmp_path):
