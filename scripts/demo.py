@@ -274,12 +274,20 @@ def main() -> int:
     print("Where to look:")
     print(f"  Airflow UI : {base}  (user admin, password {password};"
           f" also in {airflow_home}/simple_auth_manager_passwords.json.generated)")
-    print("               DAG daily_refresh (the loop), DAG manual_rollback (Trigger: target version, reason)")
+    print("               DAG daily_refresh (the loop; created paused, this demo unpaused it),")
+    print("               DAG manual_rollback (created unpaused: Trigger with target version and reason runs at")
+    print("               once; for the version already serving it probes every router and repairs if needed)")
     print(f"  MLflow UI  : {mlflow_url}  (experiment dayloop-daily-refresh, model {settings.model_name};"
           " the rollout report is under each canary's run, artifacts/rollout)")
     print(f"  Reports    : {settings.reports_dir}")
     print(f"  Router     : {endpoints['router_urls'][0]}/recommend  (POST {{\"user_id\": 1, \"k\": 10}})")
-    print(f"  Prometheus : {endpoints['prometheus_url']}  (e.g. dayloop:router_latency_seconds:p99_30s)")
+    print(f"  Prometheus : {endpoints['prometheus_url']}  (e.g. dayloop:router_latency_seconds:p99_30s;"
+          " alerts at /alerts)")
+    if endpoints.get("alertmanager_url"):
+        print(f"  Alerts     : Alertmanager {endpoints['alertmanager_url']}, alert log "
+              f"{Path(endpoints['token_file']).parent / 'log' / 'alerts.jsonl'}")
+    print(f"  Breakers   : {endpoints['router_urls'][0]}/health (circuit per version; details at"
+          " /admin/breakers with the admin token)")
     if stats_path:
         print(f"  Users      : the simulator keeps running; stats in {stats_path}")
     print(f"  Logs       : {os.environ.get('DAYLOOP_LOG_DIR')}")
