@@ -123,7 +123,8 @@ class Simulator:
             target = routers[(start + n) % len(routers)]
             try:
                 resp = await client.post(f"{target}/recommend", json=body)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                # refused, or the replica died with the request (a read of a list): next one
                 if n + 1 == len(routers):
                     raise
                 continue

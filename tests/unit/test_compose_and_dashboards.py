@@ -212,7 +212,9 @@ def test_plane_file_matches_what_the_client_reads(compose, tmp_path):
     plane = json.loads(compose["configs"]["dayloop-plane"]["content"])
     embedded = PlaneConfig(home=tmp_path, python=Path("python")).endpoints()
     # store_url stays out: only the routers use it, and it would carry a database login.
-    assert set(plane) == set(embedded) - {"store_url"}
+    # alertmanager/alert log: the embedded plane starts them; compose has no Alertmanager yet
+    # (issue 10's next session adds it), so its plane file does not name them.
+    assert set(plane) == set(embedded) - {"store_url", "alertmanager_url", "alert_log_url"}
     assert plane["token_file"] == TOKEN_SECRET
     assert plane["router_urls"] == ["http://router-0:8100", "http://router-1:8100"]
     for name in ("airflow-worker", "index-service", "router-0", "router-1"):
