@@ -185,7 +185,8 @@ class IndexService:
         )
         return {"status": "loaded", "index": loaded.info()}
 
-    def _install(self, loaded: LoadedIndex, expected_dim: int, kept_dir: Path | None) -> None:
+    def _install(self, loaded: LoadedIndex, expected_dim: int, kept_dir: Path | None,
+                 outcome: str = "loaded") -> None:
         """Put a loaded version into the table (one step, no await) and name its copy live."""
         version = loaded.version
         self.indexes[version] = loaded
@@ -200,7 +201,7 @@ class IndexService:
         self.metrics.loaded.labels(version=label).set(1)
         self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
         self._set_seen_gauge(loaded)
-        self.metrics.loads.labels(outcome="loaded").inc()
+        self.metrics.loads.labels(outcome=outcome).inc()
 
     def _drop_unrecorded(self, version: int, kept: list[Path]) -> None:
         """Remove a copy written by a load that lost a race, unless the manifest names it."""
@@ -327,13 +328,7 @@ class IndexService:
                 loaded = dataclasses.replace(loaded, seen=seen, seen_fingerprint=seen_sha, seen_source=where)
         if loaded is None or version in self.indexes:
             return  # a load that came in meanwhile wins
-        self.indexes[version] = loaded
-        self.known_versions.add(version)
-        label = str(version)
-        self.metrics.loaded.labels(version=label).set(1)
-        self.metrics.ntotal.labels(version=label).set(loaded.ntotal)
-        self._set_seen_gauge(loaded)
-        self.metrics.loads.labels(outcome="restored").inc()
+        self._install(loaded, int(entry["expected_dim"]), None, outcome="restored")  # already in the manifest
         log.info("restored version %d (fingerprint %s) from %s in %.2fs", version, loaded.fingerprint[:12],
                  folder, loaded.load_seconds)
 
